@@ -1,0 +1,147 @@
+"""The verbs: ``parametrize`` a model, ``merge`` it back to dense, ``summary`` of what changed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize as torch_parametrize
+from tqdm.auto import tqdm
+
+from lsparam.config import DEFAULT_CONFIG
+from lsparam.methods import method_for
+from lsparam.methods.base import StructuredParametrization, remove_structured_weight
+from lsparam.targets import ALL_LINEAR, select_linear_layers
+from lsparam.weight import NoDenseFormError
+
+# Show a progress bar when initialisation may take a while (SVDs of many layers).
+_PROGRESS_MIN_LAYERS = 16
+
+
+def parametrize(model: nn.Module, config=None, *, target_modules=ALL_LINEAR, exclude_modules=None, progress=None):
+    """Turn the model's ``nn.Linear`` weights into structured ones, in place; returns the model.
+
+    Args:
+        model: any ``nn.Module`` (or a single ``nn.Linear`` with ``target_modules=None``).
+        config: ``SLTrainConfig``, ``LOSTConfig``, ``LowRankConfig`` or a registered config;
+            ``None`` means ``LOSTConfig()`` (rank 0.25 of each layer, 5% of channels, γ = 0.5).
+        target_modules: ``"all-linear"`` (default; skips the output head and tied layers), a regex that
+            must match a full module name, or a list of names matched exactly or as dotted suffixes.
+        exclude_modules: same forms; matching modules are left dense.
+        progress: show a progress bar (default: when there are many layers).
+
+    Everything is validated before anything is registered: on error the model is untouched.
+
+    Example:
+        >>> import torch, lsparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 64))
+        >>> _ = lsparam.parametrize(model, lsparam.SLTrainConfig(rank=8, density=0.05))
+        >>> isinstance(model[0], torch.nn.Linear), model(torch.randn(2, 64)).shape
+        (True, torch.Size([2, 64]))
+        >>> sum(p.numel() for p in model.parameters())  # r(in+out) + nnz per layer, plus biases
+        1836
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    config = DEFAULT_CONFIG() if config is None else config
+    method = method_for(config)
+    layers = select_linear_layers(model, target_modules, exclude_modules)
+
+    # Build every parametrization first: per-layer errors (rank too large...) leave the model untouched.
+    built = {}
+    for name, layer in layers.items():
+        parametrization = method.build(config, layer, name)
+        if not isinstance(parametrization, StructuredParametrization):
+            raise TypeError(
+                f"build for method {method.name!r} must return a StructuredParametrization; "
+                f"got {type(parametrization).__name__}"
+            )
+        built[name] = parametrization
+
+    show = len(built) >= _PROGRESS_MIN_LAYERS if progress is None else progress
+    registered = []  # (layer, its dense weight Parameter) for a rollback
+    try:
+        for name, parametrization in tqdm(built.items(), desc=f"lsparam {method.name}", disable=not show):
+            layer = layers[name]
+            dense = layer.weight
+            parametrization.to(device=dense.device)
+            # unsafe=True: the originals are the factors, whose shapes differ from the weight's.
+            torch_parametrize.register_parametrization(layer, "weight", parametrization, unsafe=True)
+            registered.append((layer, dense))
+    except BaseException:
+        for layer, dense in registered:  # a failure never leaves a half-converted model
+            remove_structured_weight(layer, dense)
+        raise
+    return model
+
+
+def structured_layers(model: nn.Module) -> dict[str, tuple[nn.Module, StructuredParametrization]]:
+    """``{name: (layer, parametrization)}`` for every weight lsparam parametrized, in model order."""
+    found = {}
+    for name, module in model.named_modules():
+        if torch_parametrize.is_parametrized(module, "weight"):
+            first = module.parametrizations.weight[0]
+            if isinstance(first, StructuredParametrization):
+                found[name] = (module, first)
+    return found
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every structured weight by its dense matrix: plain ``nn.Linear`` layers again; in place.
+
+    Refuses (``NoDenseFormError``, model untouched) when a layer has no dense form (SiLU-LOST).
+
+    Example:
+        >>> import torch, lsparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+        >>> _ = lsparam.parametrize(model, lsparam.LOSTConfig(rank=8))
+        >>> x = torch.randn(4, 32)
+        >>> y = model(x)
+        >>> _ = lsparam.merge(model)
+        >>> type(model[0]) is torch.nn.Linear, torch.allclose(model(x), y, atol=1e-6)
+        (True, True)
+    """
+    layers = structured_layers(model)
+    for name, (_, parametrization) in layers.items():
+        if not parametrization.has_dense_form:
+            raise NoDenseFormError(
+                f"layer {name!r} ({parametrization.method}, {parametrization.config}) has no dense form and "
+                f"cannot be merged; no layer was changed"
+            )
+    for layer, _ in layers.values():
+        with torch.no_grad():
+            weight = layer.weight.dense()
+        requires_grad = any(p.requires_grad for p in layer.parametrizations.weight.parameters())
+        remove_structured_weight(layer, nn.Parameter(weight, requires_grad=requires_grad))
+    return model
+
+
+def summary(model: nn.Module) -> str:
+    """A per-layer table: method, shape, parameters before and after, sparse entries; totals below.
+
+    Example:
+        >>> import torch, lsparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False))
+        >>> _ = lsparam.parametrize(model, lsparam.LowRankConfig(rank=16))
+        >>> print(lsparam.summary(model))  # doctest: +NORMALIZE_WHITESPACE
+        layer  method   shape   params before  params after  nnz
+        0      lowrank  64x64   4,096          2,048         0
+        total                   4,096          2,048         0
+        model parameters: 2,048 (was 4,096 dense; 50.0%)
+    """
+    rows = [("layer", "method", "shape", "params before", "params after", "nnz")]
+    before_total = after_total = nnz_total = 0
+    for name, (layer, parametrization) in structured_layers(model).items():
+        before = parametrization.out_features * parametrization.in_features
+        after = sum(p.numel() for p in layer.parametrizations.weight.parameters())
+        nnz = parametrization.nnz()
+        before_total, after_total, nnz_total = before_total + before, after_total + after, nnz_total + nnz
+        shape = f"{parametrization.out_features}x{parametrization.in_features}"
+        rows.append((name or "(model)", parametrization.method, shape, f"{before:,}", f"{after:,}", f"{nnz:,}"))
+    rows.append(("total", "", "", f"{before_total:,}", f"{after_total:,}", f"{nnz_total:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    params = sum(p.numel() for p in model.parameters())
+    dense_params = params - after_total + before_total
+    share = 100.0 * params / dense_params if dense_params else 100.0
+    lines.append(f"model parameters: {params:,} (was {dense_params:,} dense; {share:.1f}%)")
+    return "\n".join(lines)

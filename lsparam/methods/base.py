@@ -1,0 +1,143 @@
+"""The base class every method's parametrization derives from.
+
+A parametrization is registered on one ``nn.Linear`` weight with ``torch.nn.utils.parametrize``. Its
+``right_inverse`` turns the layer's current dense weight into the method's factors; those factors become
+the parametrization's *originals* (``parametrizations.weight.original0``, ``original1``, ...) and are
+the only trainable tensors. ``forward`` wraps them in a :class:`~lsparam.weight.StructuredWeight`.
+
+A method implements three things:
+
+- ``init_factors(weight)``: dense ``out×in`` weight -> tuple of factor tensors (may set buffers);
+- ``dense(*factors)``: the dense matrix, differentiable (or raise ``NoDenseFormError``);
+- ``linear(x, *factors)``: ``x Wᵀ`` without forming ``W`` (defaults to ``x @ dense().T``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.parametrize
+from torch import nn
+
+from lsparam.weight import NoDenseFormError, StructuredWeight
+
+
+class StructuredParametrization(nn.Module):
+    """Base class for one weight's structured parametrization.
+
+    Args:
+        config: the method's config dataclass (stored as a fingerprint in the state_dict).
+        out_features, in_features: the layer's weight shape.
+        layer_name: the layer's qualified name in the model (seeds random supports).
+
+    Subclasses set ``method`` and ``factor_names`` and implement ``init_factors`` and ``dense``;
+    they override ``linear`` for a factorised forward.
+    """
+
+    method: str = "structured"
+    factor_names: tuple[str, ...] = ()
+    has_dense_form: bool = True
+
+    def __init__(self, config, out_features: int, in_features: int, layer_name: str = ""):
+        super().__init__()
+        self.config = config
+        self.out_features = int(out_features)
+        self.in_features = int(in_features)
+        self.layer_name = layer_name
+        self._removal_value = None
+        # The config, as JSON bytes: refuses loading a state_dict made with another config.
+        spec = json.dumps(self.spec(), sort_keys=True).encode()
+        self.register_buffer("lsparam_spec", torch.frombuffer(bytearray(spec), dtype=torch.uint8).clone())
+        self.register_load_state_dict_pre_hook(_check_spec_on_load)
+
+    # ---- what a method implements -------------------------------------------------------------
+    def spec(self) -> dict:
+        """What must match for a state_dict to load: method, config and shape."""
+        fingerprint = self.config.to_dict() if hasattr(self.config, "to_dict") else repr(self.config)
+        return {"method": self.method, "config": fingerprint, "shape": [self.out_features, self.in_features]}
+
+    def init_factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def dense(self, *factors: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense(*factors))
+
+    def nnz(self) -> int:
+        """Entries of the sparse part (0 for methods without one)."""
+        return 0
+
+    # ---- the parametrize protocol -------------------------------------------------------------
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            factors = self.init_factors(weight)
+        return tuple(f.to(dtype=weight.dtype, device=weight.device).contiguous() for f in factors)
+
+    def forward(self, *factors: torch.Tensor) -> StructuredWeight:
+        if self._removal_value is not None:  # see remove_structured_weight
+            return self._removal_value
+        return StructuredWeight(self, factors)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, shape=({self.out_features}, {self.in_features})"
+
+
+def _check_spec_on_load(module, state_dict, prefix, *args, **kwargs):
+    """Refuse a state_dict whose layer was made with another method, config or shape."""
+    key = prefix + "lsparam_spec"
+    if key not in state_dict:
+        return
+    stored = bytes(state_dict[key].to(torch.uint8).cpu().tolist()).decode(errors="replace")
+    expected = json.dumps(module.spec(), sort_keys=True)
+    if stored != expected:
+        try:
+            stored_obj, expected_obj = json.loads(stored), json.loads(expected)
+            diff = _describe_difference(stored_obj, expected_obj)
+        except ValueError:
+            diff = f"stored {stored!r}"
+        raise ValueError(
+            f"state_dict for layer {prefix.removesuffix('.parametrizations.weight.0.') or module.layer_name!r} "
+            f"was made with another lsparam config: {diff}. Parametrize the model with the same config "
+            f"before loading."
+        )
+
+
+def _describe_difference(stored: dict, expected: dict) -> str:
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{pre}{k}."))
+            else:
+                out[pre + k] = v
+        return out
+
+    a, b = flat(stored), flat(expected)
+    keys = sorted(set(a) | set(b))
+    parts = [f"{k}: state_dict has {a.get(k)!r}, model has {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    return "; ".join(parts) or "specs differ"
+
+
+def no_dense_form(method: str) -> NoDenseFormError:
+    return NoDenseFormError(
+        f"the {method} weight has no dense equivalent (its forward applies a nonlinearity between the "
+        f"factors), so it cannot be read as a matrix or merged. Use the layer's forward, or a linear variant."
+    )
+
+
+def remove_structured_weight(layer: nn.Module, dense: nn.Parameter) -> None:
+    """Unregister the parametrization of ``layer.weight``, leaving ``dense`` as a plain Parameter.
+
+    ``remove_parametrizations(leave_parametrized=True)`` stores whatever the weight evaluates to; making
+    the evaluation return ``dense`` keeps it from wrapping a StructuredWeight in a Parameter.
+    """
+    parametrization = layer.parametrizations.weight[0]
+    parametrization._removal_value = dense
+    try:
+        torch.nn.utils.parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    finally:
+        parametrization._removal_value = None

@@ -1,0 +1,100 @@
+"""SLTrain: ``W = (alpha / r) · B A + S`` with a fixed random sparse support (Han et al., NeurIPS 2024)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lsparam.config import SLTrainConfig, resolve_rank
+from lsparam.methods.base import StructuredParametrization
+from lsparam.methods.svd import balanced_factors, svd
+from lsparam.sparse.matmul import resolve_backend, sparse_linear
+from lsparam.sparse.support import (
+    SparseSupport,
+    derived_seed,
+    largest_magnitude_flat_indices,
+    two_four_flat_indices,
+    uniform_flat_indices,
+)
+
+
+def sltrain_nnz(density: float, out_features: int, in_features: int) -> int:
+    """Entries of the sparse part: ``floor(density · out · in)``.
+
+    >>> sltrain_nnz(0.03, 512, 1376)
+    21135
+    """
+    return int(math.floor(density * out_features * in_features))
+
+
+class SLTrainParametrization(StructuredParametrization):
+    """Factors ``B`` (out×r), ``A`` (r×in) and ``values`` (nnz) on a fixed support.
+
+    ``init="random"`` follows the paper: ``B = 0``, ``A`` and the values uniform in ``±1/√in``, so the
+    layer starts as its sparse part. ``init="dense"`` factorises the current weight: top-r SVD for
+    ``s·B A`` and its largest-magnitude residual entries as the support (continued pretraining).
+    """
+
+    method = "sltrain"
+    factor_names = ("B", "A", "values")
+
+    def __init__(self, config: SLTrainConfig, out_features: int, in_features: int, layer_name: str = ""):
+        self.rank = resolve_rank(config.rank, out_features, in_features, layer=layer_name)
+        nnz = sltrain_nnz(config.density, out_features, in_features)
+        if nnz < 1:
+            raise ValueError(
+                f"density={config.density} gives no sparse entry for layer {layer_name!r} of shape "
+                f"{out_features}x{in_features}; use density >= {1 / (out_features * in_features):.3g}"
+            )
+        super().__init__(config, out_features, in_features, layer_name)
+        self.scale = config.alpha / self.rank
+        shape = (out_features, in_features)
+        if config.sparse_backend == "semi-structured":
+            flat = two_four_flat_indices(*shape, self._seed("support"))
+        elif config.init == "random":
+            flat = uniform_flat_indices(out_features * in_features, nnz, self._seed("support"))
+        else:  # "dense": chosen from the weight in init_factors; a placeholder until then
+            flat = torch.arange(nnz)
+        # A random support is regenerated from the seed, so it is kept out of the state_dict.
+        self.support = SparseSupport(flat, shape, persistent=config.init == "dense")
+
+    def _seed(self, purpose: str) -> int:
+        return derived_seed(self.config.seed, self.layer_name, self.out_features, self.in_features, purpose)
+
+    def nnz(self) -> int:
+        return self.support.nnz
+
+    def init_factors(self, weight):
+        if self.config.init == "random":
+            generator = torch.Generator().manual_seed(self._seed("init"))
+            bound = 1.0 / math.sqrt(self.in_features)
+            A = torch.empty(self.rank, self.in_features).uniform_(-bound, bound, generator=generator)
+            B = torch.zeros(self.out_features, self.rank)
+            values = torch.empty(self.support.nnz).uniform_(-bound, bound, generator=generator)
+            return B, A, values
+        U, S, Vh = svd(weight)
+        B, A = balanced_factors(U, S, Vh, self.rank)
+        B, A = B / math.sqrt(self.scale), A / math.sqrt(self.scale)
+        residual = weight.detach().to(B.dtype) - self.scale * (B @ A)
+        flat = largest_magnitude_flat_indices(residual, self.support.nnz)
+        self.support.reset(flat)
+        return B, A, residual.reshape(-1)[flat.to(residual.device)]
+
+    def dense(self, B, A, values):
+        return self.scale * (B @ A) + self.support.to_dense(values)
+
+    def backend_for(self, x: torch.Tensor) -> str:
+        return resolve_backend(self.config.sparse_backend, x.device, x.dtype, self.config.density)
+
+    def linear(self, x, B, A, values):
+        low_rank = F.linear(F.linear(x, A), B * self.scale)
+        return low_rank + sparse_linear(x, values, self.support, self.backend_for(x))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, nnz={self.nnz()}, scale={self.scale:g}"
+
+
+def build(config: SLTrainConfig, layer: torch.nn.Linear, name: str) -> SLTrainParametrization:
+    return SLTrainParametrization(config, layer.out_features, layer.in_features, name)

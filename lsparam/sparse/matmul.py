@@ -1,0 +1,139 @@
+"""``x Sᵀ`` for a sparse ``S`` with a fixed support and trainable values, one autograd Function per path.
+
+Each path saves only ``x`` and the values for backward (never a dense ``out×in`` matrix), and returns the
+gradient of the values directly in the support's row-major order.
+
+- ``csr``: CSR spmm forward, CSR of ``Sᵀ`` for ``dX``, ``sampled_addmm`` for ``dV`` (CPU fp32/fp64, CUDA).
+- ``scatter``: scatter the values into a dense ``S`` transiently and use dense GEMMs (any device/dtype;
+  the SLTrain reference's approach, dense FLOPs, fastest at high density).
+- ``semi-structured``: 2:4 sparse tensor cores for the forward (CUDA sm80+, fp16/bf16, 2:4 support).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lsparam.sparse.support import SparseSupport
+
+# Above this density a dense GEMM on a scattered S beats CSR spmm (see docs/benchmarks.md).
+CSR_MAX_DENSITY = 0.1
+_CSR_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class _CSRMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, support: SparseSupport):
+        x2 = _flatten(x)
+        y = (support.csr(values) @ x2.t()).t()
+        ctx.support = support
+        ctx.save_for_backward(x, values)
+        return y.reshape(*x.shape[:-1], support.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values = ctx.saved_tensors
+        support = ctx.support
+        g2 = _flatten(grad_out)
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (support.csr_transposed(values) @ g2.t()).t().reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            pattern = support.csr(values.detach())
+            grad_values = torch.sparse.sampled_addmm(pattern, g2.t(), _flatten(x), beta=0.0).values()
+        return grad_x, grad_values, None
+
+
+class _ScatterMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, support: SparseSupport):
+        ctx.support = support
+        ctx.save_for_backward(x, values)
+        return x @ support.to_dense(values).t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values = ctx.saved_tensors
+        support = ctx.support
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ support.to_dense(values)  # S rebuilt: never kept between passes
+        if ctx.needs_input_grad[1]:
+            grad_dense = _flatten(grad_out).t() @ _flatten(x)
+            grad_values = grad_dense.reshape(-1)[support.flat_indices()]
+        return grad_x, grad_values, None
+
+
+def semi_structured_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """True on CUDA devices of compute capability 8.0+ with fp16/bf16, where 2:4 kernels exist."""
+    return (
+        device.type == "cuda"
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+        and dtype in (torch.float16, torch.bfloat16)
+    )
+
+
+class _SemiStructuredMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, support: SparseSupport):
+        from torch.sparse import to_sparse_semi_structured
+
+        ctx.support = support
+        ctx.save_for_backward(x, values)
+        weight = to_sparse_semi_structured(support.to_dense(values))
+        x2 = _flatten(x)
+        return torch.nn.functional.linear(x2, weight).reshape(*x.shape[:-1], support.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # The transpose of a 2:4 matrix is not 2:4, so the backward uses dense GEMMs on a transient S.
+        return _ScatterMatmul.backward(ctx, grad_out)
+
+
+_PATHS = {"csr": _CSRMatmul, "scatter": _ScatterMatmul, "semi-structured": _SemiStructuredMatmul}
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, density: float) -> str:
+    """The concrete path ``"auto"`` stands for on this device and dtype; checks explicit choices.
+
+    >>> resolve_backend("auto", torch.device("cpu"), torch.float32, 0.03)
+    'csr'
+    >>> resolve_backend("auto", torch.device("cpu"), torch.bfloat16, 0.03)
+    'scatter'
+    """
+    if backend == "auto":
+        if density > CSR_MAX_DENSITY:
+            return "scatter"
+        if device.type == "cpu" and dtype not in _CSR_CPU_DTYPES:
+            return "scatter"  # no CPU CSR kernels for half precision
+        return "csr"
+    if backend == "csr" and device.type == "cpu" and dtype not in _CSR_CPU_DTYPES:
+        raise ValueError(
+            f"sparse_backend='csr' has no CPU kernel for {dtype}; use 'scatter' or 'auto' "
+            f"(valid CPU dtypes for csr: {[str(d) for d in _CSR_CPU_DTYPES]})"
+        )
+    if backend == "semi-structured" and not semi_structured_available(device, dtype):
+        raise ValueError(
+            f"sparse_backend='semi-structured' needs a CUDA device of compute capability 8.0+ and "
+            f"float16/bfloat16 weights; got device={device}, dtype={dtype}"
+        )
+    if backend not in _PATHS:
+        raise ValueError(f"unknown sparse backend {backend!r}; valid: {['auto', *_PATHS]}")
+    return backend
+
+
+def sparse_linear(x: torch.Tensor, values: torch.Tensor, support: SparseSupport, backend: str) -> torch.Tensor:
+    """``x Sᵀ`` where ``S`` has ``values`` on ``support``, through the named path (already resolved).
+
+    Example:
+        >>> s = SparseSupport(torch.tensor([1, 4, 5]), (2, 3), persistent=False)
+        >>> v = torch.tensor([1., 2., 3.], dtype=torch.float64)
+        >>> x = torch.ones(1, 3, dtype=torch.float64)
+        >>> sparse_linear(x, v, s, "csr").tolist(), sparse_linear(x, v, s, "scatter").tolist()
+        ([[1.0, 5.0]], [[1.0, 5.0]])
+    """
+    return _PATHS[backend].apply(x, values, support)

@@ -1,0 +1,114 @@
+"""A weight that knows how to multiply itself.
+
+``module.weight`` of a parametrized layer is a :class:`StructuredWeight`: a tensor of the layer's shape
+and dtype that holds no dense storage, only references to its factors. ``F.linear`` on it runs the
+method's factorised forward (no dense ``out×in`` matrix is built, none is saved for backward). Any other
+use (user code reading ``.weight``, ``merge``, printing) materialises the dense matrix on demand through
+the method's differentiable formula, or raises :class:`NoDenseFormError` for methods that have none.
+
+This is the torchao pattern for quantised weights, applied to structured ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map_only
+
+
+class NoDenseFormError(TypeError):
+    """Raised when a weight with no dense equivalent (SiLU-LOST) is used as a dense matrix."""
+
+
+# Metadata reads answered by the wrapper itself, without materialising the dense matrix.
+_METADATA_FUNCS = {
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.stride,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex,
+    torch.Tensor.element_size,
+    torch.Tensor.__len__,
+    torch.Tensor.shape.__get__,
+    torch.Tensor.ndim.__get__,
+    torch.Tensor.dtype.__get__,
+    torch.Tensor.device.__get__,
+    torch.Tensor.layout.__get__,
+    torch.Tensor.requires_grad.__get__,
+    torch.Tensor.is_cuda.__get__,
+    torch.Tensor.is_sparse.__get__,
+    torch.Tensor.is_leaf.__get__,
+    torch.Tensor.grad.__get__,
+    torch.Tensor.grad_fn.__get__,
+}
+
+
+class StructuredWeight(torch.Tensor):
+    """The value of ``module.weight`` for a parametrized layer.
+
+    Args:
+        parametrization: the :class:`lsparam.methods.StructuredParametrization` that owns the formula.
+        factors: the factor tensors (the parametrization's originals), in the order its methods take.
+
+    Example:
+        >>> import torch, lsparam
+        >>> layer = torch.nn.Linear(16, 8)
+        >>> _ = lsparam.parametrize(layer, lsparam.LowRankConfig(rank=4), target_modules=None)
+        >>> w = layer.weight
+        >>> type(w).__name__, tuple(w.shape)
+        ('StructuredWeight', (8, 16))
+        >>> torch.allclose(w.dense(), w.parametrization.dense(*w.factors))
+        True
+    """
+
+    @staticmethod
+    def __new__(cls, parametrization, factors):
+        reference = factors[0]
+        return torch.Tensor._make_wrapper_subclass(
+            cls,
+            (parametrization.out_features, parametrization.in_features),
+            dtype=reference.dtype,
+            device=reference.device,
+            requires_grad=any(f.requires_grad for f in factors),
+        )
+
+    def __init__(self, parametrization, factors):
+        self.parametrization = parametrization
+        self.factors = tuple(factors)
+
+    def dense(self) -> torch.Tensor:
+        """The dense ``out×in`` matrix, differentiable with respect to the factors."""
+        return self.parametrization.dense(*self.factors)
+
+    def __repr__(self, *, tensor_contents=None):
+        name = self.parametrization.method
+        head = f"StructuredWeight(method={name!r}, shape={tuple(self.shape)}, dtype={self.dtype})"
+        if not self.parametrization.has_dense_form:
+            return head
+        return f"{head}\n{self.dense()!r}"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(weight, StructuredWeight) and not isinstance(x, StructuredWeight):
+                y = weight.parametrization.linear(x, *weight.factors)
+                return y if bias is None else y + bias
+        if func in _METADATA_FUNCS:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        # Every other op sees the dense matrix, built through the differentiable formula.
+        args, kwargs = tree_map_only(StructuredWeight, StructuredWeight.dense, (args, kwargs))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Reached only below autograd (torch-function handling disabled): gradients could not reach
+        # the factors from here, so refuse rather than compute something silently wrong.
+        raise RuntimeError(
+            f"lsparam: operator {func} reached a StructuredWeight below autograd; "
+            f"call weight.dense() first, or use lsparam.merge(model) for a plain dense model"
+        )
