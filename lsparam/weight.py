@@ -70,7 +70,10 @@ class StructuredWeight(torch.Tensor):
             (parametrization.out_features, parametrization.in_features),
             dtype=reference.dtype,
             device=reference.device,
-            requires_grad=any(f.requires_grad for f in factors),
+            # The wrapper itself is never part of the autograd graph: gradients flow to the factors
+            # through linear() or dense(). Saying requires_grad=False keeps autograd helpers (module
+            # trackers, FlopCounterMode, memory profilers) from hooking it, which would materialise W.
+            requires_grad=False,
         )
 
     def __init__(self, parametrization, factors):
