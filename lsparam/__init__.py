@@ -9,6 +9,7 @@ torch.Size([3, 64])
 
 from lsparam.api import merge, parametrize, structured_layers, summary
 from lsparam.config import LOSTConfig, LowRankConfig, SLTrainConfig
+from lsparam import optim
 from lsparam.methods import register_method
 from lsparam.methods.base import StructuredParametrization
 from lsparam.targets import TargetNotFoundError
@@ -25,6 +26,7 @@ __all__ = [
     "StructuredWeight",
     "TargetNotFoundError",
     "merge",
+    "optim",
     "parametrize",
     "register_method",
     "structured_layers",

@@ -40,7 +40,9 @@ class SLTrainParametrization(StructuredParametrization):
     method = "sltrain"
     factor_names = ("B", "A", "values")
 
-    def __init__(self, config: SLTrainConfig, out_features: int, in_features: int, layer_name: str = ""):
+    def __init__(
+        self, config: SLTrainConfig, out_features: int, in_features: int, layer_name: str = "", *, on_meta: bool = False
+    ):
         self.rank = resolve_rank(config.rank, out_features, in_features, layer=layer_name)
         nnz = sltrain_nnz(config.density, out_features, in_features)
         if nnz < 1:
@@ -51,7 +53,9 @@ class SLTrainParametrization(StructuredParametrization):
         super().__init__(config, out_features, in_features, layer_name)
         self.scale = config.alpha / self.rank
         shape = (out_features, in_features)
-        if config.sparse_backend == "semi-structured":
+        if on_meta:  # shapes only (memory estimates): drawing a support would cost time for nothing
+            flat = torch.arange(nnz)
+        elif config.sparse_backend == "semi-structured":
             flat = two_four_flat_indices(*shape, self._seed("support"))
         elif config.init == "random":
             flat = uniform_flat_indices(out_features * in_features, nnz, self._seed("support"))
@@ -97,4 +101,4 @@ class SLTrainParametrization(StructuredParametrization):
 
 
 def build(config: SLTrainConfig, layer: torch.nn.Linear, name: str) -> SLTrainParametrization:
-    return SLTrainParametrization(config, layer.out_features, layer.in_features, name)
+    return SLTrainParametrization(config, layer.out_features, layer.in_features, name, on_meta=layer.weight.is_meta)

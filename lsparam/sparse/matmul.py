@@ -105,6 +105,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dens
     >>> resolve_backend("auto", torch.device("cpu"), torch.bfloat16, 0.03)
     'scatter'
     """
+    if device.type == "meta":
+        return "scatter"  # shapes only (memory estimates): the scatter path has meta kernels, CSR has none
     if backend == "auto":
         if density > CSR_MAX_DENSITY:
             return "scatter"

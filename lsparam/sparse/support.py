@@ -100,7 +100,7 @@ class SparseSupport(nn.Module):
 
     def row_indices(self) -> torch.Tensor:
         counts = (self.crow_indices[1:] - self.crow_indices[:-1]).to(torch.int64)
-        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts)
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts, output_size=self.nnz)
 
     def flat_indices(self) -> torch.Tensor:
         """Row-major positions as int64 (a transient: built when needed, not kept)."""
@@ -119,10 +119,10 @@ class SparseSupport(nn.Module):
             perm = torch.argsort(cols * self.shape[0] + rows)
             crow_t = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=cols.device)
             crow_t[1:] = torch.bincount(cols, minlength=self.shape[1]).cumsum(0)
-            self._transpose = (crow_t.to(torch.int32), rows[perm].to(torch.int32), perm)
+            self._transpose = (crow_t.to(torch.int32), rows[perm].to(torch.int32), perm.to(torch.int32))
         crow_t, col_t, perm = self._transpose
         return torch.sparse_csr_tensor(
-            crow_t, col_t, values[perm], (self.shape[1], self.shape[0]), check_invariants=False
+            crow_t, col_t, values.index_select(0, perm), (self.shape[1], self.shape[0]), check_invariants=False
         )
 
     def to_dense(self, values: torch.Tensor) -> torch.Tensor:

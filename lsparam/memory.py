@@ -1,0 +1,366 @@
+"""The memory ledger: what a training step needs, predicted from shapes and measured on a device.
+
+:func:`estimate` works from a ``transformers`` config alone: the model is built on the meta device (no
+weights allocated), parametrized there, and one forward is traced to count the activations autograd
+saves. It answers for LLaMA-7B in about a second.
+
+:func:`measure` runs a training step and reports its peak: CUDA allocator statistics on GPU; on CPU the
+allocator's own allocation and free events (``torch.profiler``), not process RSS, which the allocator
+and the Python heap blur.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import is_fake
+
+from lsparam.api import parametrize, structured_layers
+from lsparam.config import LOSTConfig, LowRankConfig, SLTrainConfig
+from lsparam.llama_sizes import LLAMA_SIZES, llama_config
+from lsparam.methods.lost import LOSTParametrization
+from lsparam.methods.sltrain import SLTrainParametrization
+from lsparam.sparse.matmul import resolve_backend
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # full-size states per parameter (sgd: momentum)
+_LOWBIT_BLOCK = {8: 256, 4: 128}  # torchao's block sizes
+METHODS = ("full", "lowrank", "sltrain", "lost", "lost-silu")
+
+# The papers' per-size settings (METHODS.md): rank, SLTrain density and alpha.
+_PAPER_RANK = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
+_PAPER_DENSITY = {"llama_7b": 0.05}
+_PAPER_ALPHA = {"llama_60m": 32.0, "llama_130m": 16.0, "llama_350m": 16.0, "llama_1b": 8.0, "llama_7b": 8.0}
+
+
+def method_config(method: str, size: str | None = None):
+    """The config ``method`` stands for (papers' per-size defaults when ``size`` is a known LLaMA size).
+
+    >>> method_config("sltrain", "llama_60m")
+    SLTrainConfig(rank=128, density=0.03, alpha=32.0, seed=0, sparse_backend='auto', init='random')
+    >>> method_config("full") is None
+    True
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)} or a config object; got method={method!r}")
+    if method == "full":
+        return None
+    rank = _PAPER_RANK.get(size)
+    if rank is None and size in LLAMA_SIZES:
+        rank = LLAMA_SIZES[size][0] // 4
+    rank = rank or 0.25
+    if method == "lowrank":
+        return LowRankConfig(rank=rank)
+    if method == "sltrain":
+        return SLTrainConfig(rank=rank, density=_PAPER_DENSITY.get(size, 0.03), alpha=_PAPER_ALPHA.get(size, 32.0))
+    # LOST: CoLA's r = d_model / 4 (METHODS.md), 5% of channels, gamma 0.5
+    lost_rank = LLAMA_SIZES[size][0] // 4 if size in LLAMA_SIZES else 0.25
+    return LOSTConfig(rank=lost_rank, activation="silu" if method == "lost-silu" else None)
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes of one training step, by kind. ``total`` is the modelled peak (see ``peak_phase``).
+
+    Activations and a full set of gradients never coexist (backward frees the one as it makes the
+    other), so ``total`` is the larger of two moments rather than the sum of every column:
+
+    - start of backward: parameters + optimizer states + indices + activations + transient;
+    - optimizer step: parameters + gradients + optimizer states + indices + transient of the step.
+    """
+
+    parameters: int = 0
+    gradients: int = 0
+    optimizer_states: int = 0
+    sparse_indices: int = 0
+    activations: int = 0
+    transient: int = 0
+    total: int = 0
+    peak_phase: str = ""
+    parameter_count: int = 0
+    notes: list = field(default_factory=list)
+
+    @property
+    def paper(self) -> int:
+        """The GaLore / SLTrain table convention: weights + optimizer states (+ sparse indices)."""
+        return self.parameters + self.optimizer_states + self.sparse_indices
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["paper"] = self.paper
+        return out
+
+    def __str__(self) -> str:
+        rows = [(name, getattr(self, name)) for name in
+                ("parameters", "gradients", "optimizer_states", "sparse_indices", "activations", "transient")]
+        rows += [("total (peak)", self.total), ("paper convention", self.paper)]
+        return "\n".join(f"{name:<18} {value / 2**20:10.1f} MiB" for name, value in rows)
+
+
+# ---- counting ------------------------------------------------------------------------------------
+def _state_bytes(numel: int, state_bits: int, param_bytes: int, per_state: int) -> int:
+    """Bytes of ``per_state`` optimizer states for one tensor, as torchao (or torch) stores them."""
+    if state_bits == 32:
+        return per_state * numel * param_bytes  # torch keeps states in the parameter's dtype
+    block = _LOWBIT_BLOCK[state_bits]
+    if numel < 4096:
+        return per_state * numel * param_bytes  # torchao keeps small tensors in full precision
+    padded = math.ceil(numel / block) * block  # LeanOptimizer pads the rest to a whole block
+    return per_state * (padded * state_bits // 8 + (padded // block) * 4)
+
+
+def _index_bytes(model: nn.Module, param_dtype: torch.dtype) -> int:
+    """Sparse-index bytes held in memory: SLTrain's int32 CSR arrays (and the transpose the CSR path
+    builds for backward), LOST's int64 channel list."""
+    total = 0
+    for _, parametrization in structured_layers(model).values():
+        if isinstance(parametrization, SLTrainParametrization):
+            nnz, (out_f, in_f) = parametrization.support.nnz, parametrization.support.shape
+            total += 4 * (nnz + out_f + 1)
+            backend = resolve_backend(parametrization.config.sparse_backend, torch.device("cpu"),
+                                      param_dtype if param_dtype in (torch.float32, torch.float64) else torch.bfloat16,
+                                      parametrization.config.density) if parametrization.config.sparse_backend != "semi-structured" else "semi-structured"
+            if backend == "csr":
+                total += 4 * (2 * nnz + in_f + 1)
+        elif isinstance(parametrization, LOSTParametrization):
+            total += 8 * parametrization.channels.numel()
+    return total
+
+
+class _SavedTensorCounter:
+    """Bytes of distinct non-parameter storages autograd saves during a forward."""
+
+    def __init__(self, model: nn.Module):
+        self.exclude = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.exclude |= {b.untyped_storage()._cdata for b in model.buffers()}
+        self.storages = {}
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in self.exclude:
+            self.storages[storage._cdata] = storage.nbytes()
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def _build_meta_model(config, method, dtype: torch.dtype, layers: int | None = None):
+    from transformers import AutoModelForCausalLM
+
+    if layers is not None:
+        config = type(config).from_dict({**config.to_dict(), "num_hidden_layers": layers})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    if method is not None:
+        parametrize(model, method, progress=False)
+    return model
+
+
+def _traced_activations(config, method, dtype, batch_size: int, seq_len: int, layers: int) -> int:
+    model = _build_meta_model(config, method, dtype, layers)
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    counter = _SavedTensorCounter(model)
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return counter.total
+
+
+def _activations(config, method, dtype, batch_size, seq_len, checkpointing: bool) -> tuple[int, int]:
+    """(activations, per-layer activations) from traces of 1- and 2-layer models, extrapolated."""
+    one = _traced_activations(config, method, dtype, batch_size, seq_len, 1)
+    two = _traced_activations(config, method, dtype, batch_size, seq_len, 2)
+    per_layer, outside = two - one, 2 * one - two
+    layers = config.num_hidden_layers
+    if checkpointing:  # each layer keeps its input; one layer's activations exist during recompute
+        layer_input = batch_size * seq_len * config.hidden_size * dtype.itemsize
+        return outside + layers * layer_input + per_layer, per_layer
+    return outside + layers * per_layer, per_layer
+
+
+def estimate(
+    model_or_config,
+    method=None,
+    *,
+    optimizer: str = "adamw",
+    state_bits: int = 32,
+    per_layer: bool = False,
+    param_dtype="bf16",
+    batch_size: int = 1,
+    seq_len: int = 256,
+    activation_checkpointing: bool = False,
+) -> MemoryBreakdown:
+    """Predict the memory of one training step, by kind.
+
+    Args:
+        model_or_config: a ``transformers`` config, a size name from ``lsparam.llama_sizes`` (e.g.
+            ``"llama_7b"``), or a model (parametrized or not; counted as it is).
+        method: ``None``/``"full"``, ``"lowrank"``, ``"sltrain"``, ``"lost"``, ``"lost-silu"`` (papers'
+            per-size defaults) or a config object. Ignored for a model that is already parametrized.
+        optimizer: ``"adamw"``, ``"adam"`` (2 states) or ``"sgd"`` (momentum).
+        state_bits: 32, 8 or 4 (torchao's low-bit states, as ``LeanOptimizer`` uses them).
+        per_layer: updates inside backward: only one parameter's gradient exists at a time.
+        param_dtype: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype (weights, gradients, activations).
+        batch_size, seq_len: the micro-batch.
+        activation_checkpointing: keep only each decoder layer's input for backward.
+
+    Example:
+        >>> from lsparam.memory import estimate
+        >>> full = estimate("llama_60m", "full", param_dtype="fp32")
+        >>> lean = estimate("llama_60m", "sltrain", state_bits=8, per_layer=True, param_dtype="fp32")
+        >>> round(full.parameter_count / 1e6, 1), round(lean.parameter_count / 1e6, 1)
+        (58.1, 43.5)
+        >>> lean.total < 0.5 * full.total
+        True
+    """
+    dtype = _DTYPES.get(param_dtype, param_dtype)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"param_dtype must be one of {list(_DTYPES)} or a torch.dtype; got param_dtype={param_dtype!r}")
+    if optimizer not in _OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {list(_OPTIMIZER_STATES)}; got optimizer={optimizer!r}")
+    if state_bits not in (32, 8, 4):
+        raise ValueError(f"state_bits must be 32, 8 or 4; got state_bits={state_bits!r}")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {name}={value!r}")
+
+    size = model_or_config if isinstance(model_or_config, str) else None
+    if isinstance(model_or_config, str):
+        model_or_config = llama_config(model_or_config)
+    if isinstance(method, str):
+        method = method_config(method, size)
+    if isinstance(model_or_config, nn.Module):
+        model, config = model_or_config, getattr(model_or_config, "config", None)
+        if structured_layers(model):
+            method = next(iter(structured_layers(model).values()))[1].config
+    else:
+        config = model_or_config
+        model = _build_meta_model(config, method, dtype)
+
+    breakdown = MemoryBreakdown()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    itemsize = dtype.itemsize
+    breakdown.parameter_count = sum(p.numel() for p in model.parameters())
+    breakdown.parameters = breakdown.parameter_count * itemsize
+    per_state = _OPTIMIZER_STATES[optimizer]
+    breakdown.optimizer_states = sum(_state_bytes(p.numel(), state_bits, itemsize, per_state) for p in trainable)
+    breakdown.sparse_indices = _index_bytes(model, dtype)
+    largest = max((p.numel() for p in trainable), default=0)
+    breakdown.gradients = (largest if per_layer else sum(p.numel() for p in trainable)) * itemsize
+
+    backward_transient = 0
+    if config is not None:
+        breakdown.activations, _ = _activations(config, method, dtype, batch_size, seq_len, activation_checkpointing)
+        # backward starts from the gradient of the logits, as large as the logits themselves
+        backward_transient = batch_size * seq_len * config.vocab_size * 4
+    else:
+        breakdown.notes.append("no transformers config: activations not estimated")
+    # optimizer step: torch's single-tensor AdamW (the CPU default) and torchao's compiled step make
+    # about two temporaries the size of the parameter being updated (measured: docs/benchmarks.md)
+    step_transient = 2 * largest * itemsize if optimizer != "sgd" else largest * itemsize
+
+    resident = breakdown.parameters + breakdown.optimizer_states + breakdown.sparse_indices
+    backward_peak = resident + breakdown.activations + backward_transient + (breakdown.gradients if per_layer else 0)
+    step_peak = resident + breakdown.gradients + step_transient
+    if backward_peak >= step_peak:
+        breakdown.total, breakdown.peak_phase, breakdown.transient = backward_peak, "backward", backward_transient
+    else:
+        breakdown.total, breakdown.peak_phase, breakdown.transient = step_peak, "optimizer step", step_transient
+    return breakdown
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+@dataclass
+class MeasuredPeak:
+    """The peak bytes held by tensors while ``fn`` ran, and what was held before it started."""
+
+    peak: int
+    baseline: int
+    device: str
+
+    def __str__(self) -> str:
+        return f"peak {self.peak / 2**20:.1f} MiB on {self.device} (held before: {self.baseline / 2**20:.1f} MiB)"
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct CPU storages behind ``tensors`` (sparse arrays and wrapper subclasses unpacked)."""
+    seen = {}
+
+    def add(tensor):
+        if tensor.device.type != "cpu":
+            return
+        if tensor.layout == torch.sparse_csr:
+            for part in (tensor.crow_indices(), tensor.col_indices(), tensor.values()):
+                add(part)
+        elif hasattr(tensor, "__tensor_flatten__"):  # wrapper subclasses (torchao states): their inner tensors
+            for name in tensor.__tensor_flatten__()[0]:
+                add(getattr(tensor, name))
+        elif tensor.layout == torch.strided and not is_fake(tensor):  # fake tensors (compile caches) hold nothing
+            storage = tensor.untyped_storage()
+            seen[storage._cdata] = storage.nbytes()
+
+    for tensor in tensors:
+        add(tensor)
+    return sum(seen.values())
+
+
+def _live_tensors():
+    with warnings.catch_warnings():  # isinstance() on some torch objects warns about deprecations
+        warnings.simplefilter("ignore")
+        objects = [obj for obj in gc.get_objects() if _is_tensor(obj)]
+    return objects
+
+
+def _is_tensor(obj) -> bool:
+    try:
+        return isinstance(obj, torch.Tensor)
+    except ReferenceError:
+        return False
+
+
+def measure(fn, *, device=None) -> MeasuredPeak:
+    """Run ``fn()`` (e.g. one training step) and report the peak memory held by tensors.
+
+    On CUDA: ``torch.cuda.max_memory_allocated``. On CPU: the storages of every tensor alive at the
+    start, plus the running balance of the allocator's allocations and frees while ``fn`` runs
+    (recorded by ``torch.profiler`` with ``profile_memory=True``).
+
+    Example:
+        >>> import torch
+        >>> from lsparam.memory import measure
+        >>> x = torch.ones(1024, 1024)  # 4 MiB held before
+        >>> result = measure(lambda: (x * 2).sum())  # plus a 4 MiB temporary
+        >>> 8 * 2**20 <= result.peak < 9 * 2**20
+        True
+    """
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return MeasuredPeak(torch.cuda.max_memory_allocated(device), baseline, str(device))
+    gc.collect()
+    baseline = _storage_bytes(_live_tensors())
+    # The profiler sees every allocation and free of the CPU allocator, compiled code included
+    # (a dispatch-mode tracker would stop torchao's compiled optimizer steps).
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    )
+    current = highest = 0
+    for _, nbytes in changes:
+        current += nbytes
+        highest = max(highest, current)
+    return MeasuredPeak(baseline + highest, baseline, "cpu")

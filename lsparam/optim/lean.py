@@ -1,0 +1,272 @@
+"""``LeanOptimizer``: per-layer updates inside backward and low-bit optimizer states (torchao).
+
+Three memory savings, each optional:
+
+- ``per_layer=True``: every parameter is updated by its own inner optimizer from a
+  ``register_post_accumulate_grad_hook`` and its gradient freed at once, so a full set of gradients
+  never exists (LOMO / GaLore "layer-wise").
+- ``state_bits=8`` or ``4``: the inner optimizers are torchao's ``AdamW8bit`` / ``AdamW4bit``.
+- gradient accumulation that still updates once per ``accumulation_steps`` micro-batches.
+
+The wrapper is a ``torch.optim.Optimizer`` whose ``param_groups`` are the inner optimizers' own (live)
+groups, so LR schedulers change the learning rate the updates really use.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from lsparam.optim.lowbit import default_block_size, lowbit_optimizer_class, state_from_plain, state_to_plain
+
+_STATE_BITS = (32, 8, 4)
+
+
+def _no_decay(module: nn.Module) -> bool:
+    """Normalisation layers keep their scales free of weight decay (biases are handled by name)."""
+    name = type(module).__name__.lower()
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)) or "norm" in name
+
+
+def param_groups_by_role(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed (weights, lsparam factors including 1-D sparse values) and not decayed
+    (biases, normalisation scales). By role rather than by ``dim() >= 2``, which would spare SLTrain's
+    1-D value vectors.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> [len(g["params"]) for g in param_groups_by_role(model, 0.1)]
+        [1, 3]
+    """
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad:
+                continue
+            seen.add(id(param))
+            (no_decay if name == "bias" or _no_decay(module) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class LeanOptimizer(torch.optim.Optimizer):
+    """A memory-lean wrapper around any ``torch.optim.Optimizer`` class.
+
+    Args:
+        params: a model (parameters grouped by role for weight decay), or an iterable of parameters or
+            param-group dicts, as for any optimizer.
+        optimizer_cls: the optimizer class to wrap, e.g. ``torch.optim.AdamW``.
+        lr, weight_decay: as for the wrapped optimizer; other keyword arguments pass through to it.
+        per_layer: update each parameter inside backward and free its gradient at once.
+        state_bits: 32 (the wrapped class as is), 8 or 4 (torchao's low-bit version of it).
+        accumulation_steps: micro-batches per update. Call ``backward``/``step``/``zero_grad`` on every
+            micro-batch with each micro-batch's mean loss: gradients are averaged and applied once
+            every ``accumulation_steps`` micro-batches.
+        clip_norm: gradient clipping. With ``per_layer=False`` the global norm over all parameters;
+            with ``per_layer=True`` each parameter's own gradient norm (the global norm is never
+            available when gradients are freed layer by layer).
+
+    Example:
+        >>> import torch, lsparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+        >>> opt = lsparam.optim.LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, per_layer=True)
+        >>> before = model[0].weight.detach().clone()
+        >>> model(torch.randn(4, 8)).pow(2).mean().backward()   # the update happens here
+        >>> opt.step(); opt.zero_grad()                         # no-ops with per_layer=True
+        >>> bool((model[0].weight != before).any()), model[0].weight.grad is None
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        params,
+        optimizer_cls=torch.optim.AdamW,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        per_layer: bool = False,
+        state_bits: int = 32,
+        accumulation_steps: int = 1,
+        clip_norm: float | None = None,
+        **optimizer_kwargs,
+    ):
+        _validate(optimizer_cls, lr, weight_decay, state_bits, accumulation_steps, clip_norm)
+        if isinstance(params, nn.Module):
+            params = param_groups_by_role(params, weight_decay)
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **optimizer_kwargs})
+        self.optimizer_cls = optimizer_cls
+        self.per_layer = bool(per_layer)
+        self.state_bits = state_bits
+        self.accumulation_steps = int(accumulation_steps)
+        self.clip_norm = clip_norm
+        inner_cls = optimizer_cls if state_bits == 32 else lowbit_optimizer_class(optimizer_cls, state_bits)
+        self._params = [p for group in self.param_groups for p in group["params"]]
+        self._micro_steps = defaultdict(int)  # per parameter (per_layer) or one counter (key None)
+        self._proxies = {}  # parameter -> padded flat Parameter the low-bit inner optimizer updates
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in self.param_groups]
+        if per_layer:
+            self._inner = [
+                inner_cls([{**options, "params": [self._stepped(p, inner_cls)]}], **self.defaults)
+                for options in groups
+                for p in options["params"]
+            ]
+            self._hooks = [p.register_post_accumulate_grad_hook(self._per_layer_hook(i)) for i, p in enumerate(self._params)]
+        else:
+            # one inner optimizer, with every group's options
+            stepped = [{**options, "params": [self._stepped(p, inner_cls) for p in options["params"]]} for options in groups]
+            self._inner = [inner_cls(stepped, **self.defaults)]
+            self._hooks = []
+        # The wrapper's groups ARE the inner optimizers' groups: a scheduler edits what the updates use.
+        self.param_groups = [group for inner in self._inner for group in inner.param_groups]
+
+    # ---- low-bit states for tensors torchao would leave in fp32 ----------------------------------
+    def _stepped(self, param: torch.Tensor, inner_cls) -> torch.Tensor:
+        """The tensor the inner optimizer updates: ``param`` itself, or a padded flat proxy.
+
+        torchao keeps 8/4-bit state only for tensors whose size is a multiple of its block size.
+        SLTrain's value vectors (``floor(δ·out·in)`` entries) and LOST's ``out×m`` blocks usually are
+        not, and would silently keep fp32 state. For those, the parameter is re-pointed to the front of
+        a zero-padded buffer, and the inner optimizer updates that buffer (same storage, so the
+        parameter sees every update; the padding gets zero gradient and stays zero).
+        """
+        if self.state_bits == 32:
+            return param
+        block = self.defaults.get("block_size", default_block_size(inner_cls))
+        if param.numel() < 4096 or param.numel() % block == 0:
+            return param  # torchao's own rule: small tensors keep full-precision state
+        padded = torch.zeros(math.ceil(param.numel() / block) * block, dtype=param.dtype, device=param.device)
+        padded[: param.numel()].copy_(param.detach().reshape(-1))
+        proxy = nn.Parameter(padded, requires_grad=param.requires_grad)
+        param.data = proxy.data[: param.numel()].view(param.shape)
+        self._proxies[param] = proxy
+        return proxy
+
+    def _hand_gradient(self, param: torch.Tensor) -> None:
+        proxy = self._proxies.get(param)
+        if proxy is not None:
+            grad = param.grad.reshape(-1)
+            proxy.grad = torch.nn.functional.pad(grad, (0, proxy.numel() - grad.numel()))
+            param.grad = None
+
+    # ---- the update ------------------------------------------------------------------------------
+    def _boundary(self, key) -> bool:
+        """Count a micro-batch for ``key``; True on the last micro-batch of an accumulation window."""
+        self._micro_steps[key] += 1
+        return self._micro_steps[key] % self.accumulation_steps == 0
+
+    def _scale_accumulated(self, params) -> None:
+        if self.accumulation_steps > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(self.accumulation_steps)
+
+    def _per_layer_hook(self, index: int):
+        def hook(param):
+            if not self._boundary(index):
+                return
+            self._scale_accumulated([param])
+            if self.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_([param], self.clip_norm)
+            self._hand_gradient(param)
+            self._inner[index].step()
+            self._inner[index].zero_grad(set_to_none=True)
+            param.grad = None
+
+        return hook
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Apply the update (``per_layer=False``) on the last micro-batch of each accumulation window.
+
+        With ``per_layer=True`` the updates already happened during backward: this only runs the closure.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.per_layer or not self._boundary(None):
+            return loss
+        with_grad = [p for p in self._params if p.grad is not None]
+        self._scale_accumulated(with_grad)
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(with_grad, self.clip_norm)
+        for p in with_grad:
+            self._hand_gradient(p)
+        self._inner[0].step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients, except in the middle of an accumulation window (they are still accumulating)."""
+        if self.per_layer or self._micro_steps[None] % self.accumulation_steps == 0:
+            for p in self._params:
+                p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
+            for proxy in self._proxies.values():
+                proxy.grad = None
+
+    def remove_hooks(self) -> None:
+        """Detach the per-layer hooks (the model then trains with ordinary ``step`` calls only)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Plain tensors and Python values only: loads with ``torch.load(weights_only=True)``.
+
+        Low-bit states are stored as their torchao components (codes, scales, quantisation map).
+        """
+        inner = []
+        for optimizer in self._inner:
+            sd = optimizer.state_dict()
+            state = {k: {name: state_to_plain(v) for name, v in s.items()} for k, s in sd["state"].items()}
+            groups = [{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in g.items()} for g in sd["param_groups"]]
+            inner.append({"state": state, "param_groups": groups})
+        return {
+            "inner": inner,
+            "micro_steps": {str(k): v for k, v in self._micro_steps.items()},
+            "settings": {"per_layer": self.per_layer, "state_bits": self.state_bits,
+                         "accumulation_steps": self.accumulation_steps, "num_params": len(self._params)},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        settings = state_dict.get("settings", {})
+        mine = {"per_layer": self.per_layer, "state_bits": self.state_bits,
+                "accumulation_steps": self.accumulation_steps, "num_params": len(self._params)}
+        if settings != mine:
+            raise ValueError(f"optimizer state_dict was saved with settings {settings}; this optimizer has {mine}")
+        for optimizer, saved in zip(self._inner, state_dict["inner"]):
+            state = {int(k): {name: state_from_plain(v) for name, v in s.items()} for k, s in saved["state"].items()}
+            groups = []
+            for live, g in zip(optimizer.param_groups, saved["param_groups"]):
+                g = dict(g)
+                for key, value in live.items():  # keep tensor-valued options (torchao's lr) as tensors
+                    if isinstance(value, torch.Tensor) and key in g:
+                        g[key] = torch.tensor(g[key], dtype=value.dtype, device=value.device)
+                groups.append(g)
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.param_groups = [group for inner in self._inner for group in inner.param_groups]
+        self._micro_steps = defaultdict(int, {(None if k == "None" else int(k)): v for k, v in state_dict["micro_steps"].items()})
+
+    def __repr__(self) -> str:
+        return (
+            f"LeanOptimizer({self.optimizer_cls.__name__}, per_layer={self.per_layer}, state_bits={self.state_bits}, "
+            f"accumulation_steps={self.accumulation_steps}, clip_norm={self.clip_norm}, params={len(self._params)})"
+        )
+
+
+def _validate(optimizer_cls, lr, weight_decay, state_bits, accumulation_steps, clip_norm) -> None:
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        raise TypeError(f"optimizer_cls must be a torch.optim.Optimizer subclass; got {optimizer_cls!r}")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0; got {name}={value!r}")
+    if state_bits not in _STATE_BITS:
+        raise ValueError(f"state_bits must be one of {list(_STATE_BITS)}; got state_bits={state_bits!r}")
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be an int >= 1; got accumulation_steps={accumulation_steps!r}")
+    if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(clip_norm, numbers.Real) or not clip_norm > 0):
+        raise ValueError(f"clip_norm must be None or a positive number; got clip_norm={clip_norm!r}")

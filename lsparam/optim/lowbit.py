@@ -1,0 +1,80 @@
+"""torchao's low-bit optimizers, and their states as plain tensors for ``weights_only`` checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _torchao_classes():
+    from torchao.optim import Adam4bit, Adam8bit, AdamW4bit, AdamW8bit
+
+    return {
+        (torch.optim.AdamW, 8): AdamW8bit,
+        (torch.optim.AdamW, 4): AdamW4bit,
+        (torch.optim.Adam, 8): Adam8bit,
+        (torch.optim.Adam, 4): Adam4bit,
+    }
+
+
+def lowbit_optimizer_class(optimizer_cls: type, bits: int) -> type:
+    """torchao's ``bits``-bit version of ``optimizer_cls``, or a ``ValueError`` naming what exists.
+
+    >>> lowbit_optimizer_class(torch.optim.AdamW, 8).__name__
+    'AdamW8bit'
+    """
+    classes = _torchao_classes()
+    found = classes.get((optimizer_cls, bits))
+    if found is None:
+        supported = sorted({f"{cls.__module__}.{cls.__name__}" for cls, _ in classes})
+        raise ValueError(
+            f"state_bits={bits} needs a torchao low-bit version of optimizer_cls={optimizer_cls.__name__}; "
+            f"torchao has them for {supported} (state_bits 8 and 4). Use state_bits=32 for other optimizers."
+        )
+    return found
+
+
+def default_block_size(lowbit_cls: type) -> int:
+    """torchao quantises states per block of this many elements (its constructors' default)."""
+    import inspect
+
+    return inspect.signature(lowbit_cls.__init__).parameters["block_size"].default
+
+
+def _state_classes():
+    from torchao.optim.subclass_4bit import OptimState4bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    return {cls.__name__: cls for cls in (OptimState8bit, OptimState4bit)}
+
+
+def is_lowbit_state(value) -> bool:
+    return type(value).__name__ in _state_classes() and isinstance(value, torch.Tensor)
+
+
+def state_to_plain(value):
+    """A torchao low-bit state as a dict of plain tensors and primitives (others unchanged)."""
+    if not is_lowbit_state(value):
+        return value
+    names, attributes = value.__tensor_flatten__()
+    plain_attrs = [
+        str(a).removeprefix("torch.") if isinstance(a, torch.dtype) else (list(a) if isinstance(a, torch.Size) else a)
+        for a in attributes
+    ]
+    return {
+        "lowbit_class": type(value).__name__,
+        "tensors": {name: getattr(value, name) for name in names},
+        "attributes": plain_attrs,
+        "attribute_kinds": ["dtype" if isinstance(a, torch.dtype) else "size" if isinstance(a, torch.Size) else "value" for a in attributes],
+    }
+
+
+def state_from_plain(value):
+    """Inverse of :func:`state_to_plain`."""
+    if not (isinstance(value, dict) and "lowbit_class" in value):
+        return value
+    cls = _state_classes()[value["lowbit_class"]]
+    attributes = [
+        getattr(torch, a) if kind == "dtype" else torch.Size(a) if kind == "size" else a
+        for a, kind in zip(value["attributes"], value["attribute_kinds"])
+    ]
+    return cls.__tensor_unflatten__(value["tensors"], attributes, None, None)
