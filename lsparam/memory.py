@@ -70,8 +70,12 @@ class MemoryBreakdown:
     Activations and a full set of gradients never coexist (backward frees the one as it makes the
     other), so ``total`` is the larger of two moments rather than the sum of every column:
 
-    - start of backward: parameters + optimizer states + indices + activations + transient;
+    - start of backward: parameters + optimizer states + indices + activations + transient (the
+      gradient of the logits);
     - optimizer step: parameters + gradients + optimizer states + indices + transient of the step.
+
+    With per-layer updates the steps run inside backward: the peak is the start of backward plus one
+    parameter's gradient and its step's temporaries.
     """
 
     parameters: int = 0
@@ -261,12 +265,21 @@ def estimate(
         backward_transient = batch_size * seq_len * config.vocab_size * 4
     else:
         breakdown.notes.append("no transformers config: activations not estimated")
-    # optimizer step: torch's single-tensor AdamW (the CPU default) and torchao's compiled step make
-    # about two temporaries the size of the parameter being updated (measured: docs/benchmarks.md)
-    step_transient = 2 * largest * itemsize if optimizer != "sgd" else largest * itemsize
+    # optimizer step temporaries, per parameter updated (measured, docs/benchmarks.md): torch's
+    # single-tensor AdamW (the CPU default) makes about two the size of the parameter, torchao's
+    # compiled low-bit step about one fp32 copy
+    if optimizer == "sgd":
+        step_transient = largest * itemsize
+    else:
+        step_transient = 2 * largest * itemsize if state_bits == 32 else largest * 4
 
     resident = breakdown.parameters + breakdown.optimizer_states + breakdown.sparse_indices
-    backward_peak = resident + breakdown.activations + backward_transient + (breakdown.gradients if per_layer else 0)
+    if per_layer:  # updates run inside backward, while the activations are still alive
+        breakdown.transient = backward_transient + step_transient
+        breakdown.total = resident + breakdown.activations + breakdown.gradients + breakdown.transient
+        breakdown.peak_phase = "backward"
+        return breakdown
+    backward_peak = resident + breakdown.activations + backward_transient
     step_peak = resident + breakdown.gradients + step_transient
     if backward_peak >= step_peak:
         breakdown.total, breakdown.peak_phase, breakdown.transient = backward_peak, "backward", backward_transient

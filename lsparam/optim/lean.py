@@ -200,8 +200,13 @@ class LeanOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients, except in the middle of an accumulation window (they are still accumulating)."""
-        if self.per_layer or self._micro_steps[None] % self.accumulation_steps == 0:
+        """Clear gradients, except in the middle of an accumulation window (they are still accumulating).
+
+        With ``per_layer=True`` this does nothing: each gradient is freed right after its update.
+        """
+        if self.per_layer:
+            return
+        if self._micro_steps[None] % self.accumulation_steps == 0:
             for p in self._params:
                 p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
             for proxy in self._proxies.values():
@@ -217,7 +222,9 @@ class LeanOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """Plain tensors and Python values only: loads with ``torch.load(weights_only=True)``.
 
-        Low-bit states are stored as their torchao components (codes, scales, quantisation map).
+        Low-bit states are stored as their torchao components (codes, scales, quantisation map). Saved in
+        the middle of an accumulation window, it carries the gradients accumulated so far, so a resume
+        continues exactly.
         """
         inner = []
         for optimizer in self._inner:
@@ -225,8 +232,11 @@ class LeanOptimizer(torch.optim.Optimizer):
             state = {k: {name: state_to_plain(v) for name, v in s.items()} for k, s in sd["state"].items()}
             groups = [{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in g.items()} for g in sd["param_groups"]]
             inner.append({"state": state, "param_groups": groups})
+        # Gradients accumulated in an unfinished window belong to the training state too.
+        pending = {str(i): p.grad.detach().clone() for i, p in enumerate(self._params) if p.grad is not None}
         return {
             "inner": inner,
+            "pending_grads": pending,
             "micro_steps": {str(k): v for k, v in self._micro_steps.items()},
             "settings": {"per_layer": self.per_layer, "state_bits": self.state_bits,
                          "accumulation_steps": self.accumulation_steps, "num_params": len(self._params)},
@@ -250,6 +260,10 @@ class LeanOptimizer(torch.optim.Optimizer):
             optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.param_groups = [group for inner in self._inner for group in inner.param_groups]
         self._micro_steps = defaultdict(int, {(None if k == "None" else int(k)): v for k, v in state_dict["micro_steps"].items()})
+        pending = state_dict.get("pending_grads", {})
+        for i, param in enumerate(self._params):
+            grad = pending.get(str(i))
+            param.grad = None if grad is None else grad.to(device=param.device, dtype=param.dtype).clone()
 
     def __repr__(self) -> str:
         return (

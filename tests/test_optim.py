@@ -1,0 +1,276 @@
+"""LeanOptimizer against plain torch optimizers: same updates, accumulation, schedulers, resume."""
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lsparam
+from lsparam.optim import LeanOptimizer, param_groups_by_role
+
+
+def small_model(seed=0, config=None):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(), torch.nn.Linear(32, 16)
+    )
+    lsparam.parametrize(model, config or lsparam.SLTrainConfig(rank=4, density=0.2), target_modules=["0", "3"])
+    return model
+
+
+def batches(n, seed=1, size=8):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 16, generator=generator), torch.randn(size, 16, generator=generator)) for _ in range(n)]
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def train(model, optimizer, data):
+    for batch in data:
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def plain_adamw(model, **kwargs):
+    return torch.optim.AdamW(param_groups_by_role(model, kwargs.pop("weight_decay", 0.0)), **kwargs)
+
+
+@pytest.mark.parametrize("config", [lsparam.SLTrainConfig(rank=4, density=0.2), lsparam.LOSTConfig(rank=4)])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_lean_updates_equal_an_ordinary_adamw_step(config, per_layer):
+    data = batches(4)
+    model_ref = small_model(config=config)
+    reference = train(model_ref, plain_adamw(model_ref, lr=1e-2, weight_decay=0.1), data)
+    model = small_model(config=config)
+    lean = train(model, LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, per_layer=per_layer), data)
+    for got, want in zip(lean, reference):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_accumulation_equals_one_large_batch(per_layer):
+    micro = batches(6, size=4)
+    large = [(torch.cat([x for x, _ in micro[i:i + 3]]), torch.cat([y for _, y in micro[i:i + 3]])) for i in (0, 3)]
+    model_ref = small_model()
+    reference = train(model_ref, plain_adamw(model_ref, lr=1e-2), large)
+    model = small_model()
+    optimizer = LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, per_layer=per_layer, accumulation_steps=3)
+    got = train(model, optimizer, micro)
+    for g, w in zip(got, reference):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    # and nothing moved in the middle of a window
+    model2 = small_model()
+    optimizer2 = LeanOptimizer(model2, torch.optim.AdamW, lr=1e-2, per_layer=per_layer, accumulation_steps=3)
+    before = [p.detach().clone() for p in model2.parameters()]
+    train(model2, optimizer2, micro[:2])
+    assert all(torch.equal(a, b) for a, b in zip(before, model2.parameters()))
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_clipping(per_layer):
+    data = batches(3)
+    model_ref = small_model()
+    ref_opt = plain_adamw(model_ref, lr=1e-2)
+    for batch in data:
+        loss_fn(model_ref, batch).backward()
+        params = [p for p in model_ref.parameters()]
+        if per_layer:
+            for p in params:
+                torch.nn.utils.clip_grad_norm_([p], 0.01)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 0.01)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    model = small_model()
+    got = train(model, LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, per_layer=per_layer, clip_norm=0.01), data)
+    for g, w in zip(got, model_ref.parameters()):
+        torch.testing.assert_close(g, w.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_schedulers_change_the_learning_rate_the_updates_use(per_layer):
+    model = small_model()
+    optimizer = LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, per_layer=per_layer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0 if step >= 1 else 1.0)
+    data = batches(3)
+    train(model, optimizer, data[:1])
+    scheduler.step()  # lr is now 0 in every inner optimizer
+    assert all(g["lr"] == 0.0 for inner in optimizer._inner for g in inner.param_groups)
+    frozen = [p.detach().clone() for p in model.parameters()]
+    train(model, optimizer, data[1:])
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters()))
+
+
+def test_cosine_schedule_matches_plain_optimizer():
+    data = batches(5)
+    model_ref = small_model()
+    ref_opt = plain_adamw(model_ref, lr=1e-2)
+    ref_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=5)
+    model = small_model()
+    opt = LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, per_layer=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+    for batch in data:
+        for m, o, s in ((model_ref, ref_opt, ref_sched), (model, opt, sched)):
+            loss_fn(m, batch).backward()
+            o.step()
+            o.zero_grad()
+            s.step()
+    for a, b in zip(model.parameters(), model_ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_decay_by_role_includes_sparse_values_and_spares_norms():
+    model = small_model()
+    decay, no_decay = param_groups_by_role(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    values = model[0].parametrizations.weight.original2
+    assert values.dim() == 1 and id(values) in decayed
+    assert id(model[1].weight) not in decayed and id(model[0].bias) not in decayed
+    assert no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_state_dict_round_trip_continues_identically(tmp_path, per_layer):
+    data = batches(6)
+    model_a = small_model()
+    opt_a = LeanOptimizer(model_a, torch.optim.AdamW, lr=1e-2, per_layer=per_layer, accumulation_steps=2)
+    train(model_a, opt_a, data[:3])  # stops in the middle of an accumulation window
+    torch.save({"model": model_a.state_dict(), "optim": opt_a.state_dict()}, tmp_path / "ckpt.pt")
+    expected = train(model_a, opt_a, data[3:])
+
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model_b = small_model(seed=5)
+    model_b.load_state_dict(saved["model"])
+    opt_b = LeanOptimizer(model_b, torch.optim.AdamW, lr=1e-2, per_layer=per_layer, accumulation_steps=2)
+    opt_b.load_state_dict(saved["optim"])
+    got = train(model_b, opt_b, data[3:])
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+def test_loading_a_state_dict_with_other_settings_is_refused():
+    model = small_model()
+    saved = LeanOptimizer(model, torch.optim.AdamW, per_layer=True).state_dict()
+    with pytest.raises(ValueError, match="per_layer"):
+        LeanOptimizer(model, torch.optim.AdamW, per_layer=False).load_state_dict(saved)
+
+
+def test_eight_bit_states_are_low_bit_even_for_odd_sized_sparse_values(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 128, bias=False))
+    lsparam.parametrize(model, lsparam.SLTrainConfig(rank=8, density=0.5))  # nnz 6144 = 24 blocks of 256
+    values = model[0].parametrizations.weight.original2
+    assert values.numel() >= 4096
+    optimizer = LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, per_layer=True, state_bits=8)
+    before = values.detach().clone()
+    x = torch.randn(4, 96)
+    for _ in range(2):
+        model(x).square().mean().backward()
+    states = {tuple(p.shape): s for inner in optimizer._inner for p, s in inner.state.items()}
+    kinds = {shape: type(s["exp_avg"]).__name__ for shape, s in states.items()}
+    assert "OptimState8bit" in kinds.values(), kinds
+    assert not torch.equal(before, values.detach())  # the parameter itself trained
+    # the state_dict holds plain tensors only and restores the low-bit states exactly
+    torch.save(optimizer.state_dict(), tmp_path / "o.pt")
+    restored = LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, per_layer=True, state_bits=8)
+    restored.load_state_dict(torch.load(tmp_path / "o.pt", weights_only=True))
+    for a, b in zip(optimizer._inner, restored._inner):
+        for (pa, sa), (pb, sb) in zip(a.state.items(), b.state.items()):
+            for key in sa:
+                va, vb = sa[key], sb[key]
+                if hasattr(va, "codes"):
+                    assert torch.equal(va.codes, vb.codes) and torch.equal(va.scale, vb.scale)
+                else:
+                    assert torch.equal(va, vb)
+
+
+def test_padded_low_bit_state_for_a_size_torchao_would_leave_in_fp32():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(100, 90, bias=False)
+    lsparam.parametrize(layer, lsparam.SLTrainConfig(rank=4, density=0.5), target_modules=None)
+    values = layer.parametrizations.weight.original2  # 4500 entries: not a multiple of 256
+    assert values.numel() == 4500 and values.numel() % 256
+    optimizer = LeanOptimizer([values], torch.optim.AdamW, lr=1e-2, state_bits=8)
+    layer(torch.randn(3, 100)).sum().backward()
+    optimizer.step()
+    state = optimizer._inner[0].state
+    assert len(state) == 1
+    (proxy, s), = state.items()
+    assert type(s["exp_avg"]).__name__ == "OptimState8bit" and proxy.numel() == 4608
+    assert values.data_ptr() == proxy.data_ptr()  # the parameter is the front of the padded buffer
+    assert torch.count_nonzero(proxy.detach()[4500:]) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"state_bits": 7}, "state_bits must be one of"),
+        ({"lr": -1.0}, "lr must be a finite number >= 0; got lr=-1.0"),
+        ({"accumulation_steps": 0}, "accumulation_steps must be an int >= 1; got accumulation_steps=0"),
+        ({"clip_norm": 0}, "clip_norm must be None or a positive number"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LeanOptimizer(small_model(), torch.optim.AdamW, **kwargs)
+
+
+def test_optimizer_class_must_be_an_optimizer():
+    with pytest.raises(TypeError, match="optimizer_cls must be a torch.optim.Optimizer subclass; got <class 'dict'>"):
+        LeanOptimizer(small_model(), dict)
+
+
+def test_low_bit_states_need_a_torchao_version_of_the_optimizer():
+    with pytest.raises(ValueError, match="state_bits=8 needs a torchao low-bit version of optimizer_cls=SGD"):
+        LeanOptimizer(small_model(), torch.optim.SGD, lr=0.1, state_bits=8)
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, lsparam
+    from lsparam.optim import LeanOptimizer
+    torch.use_deterministic_algorithms(True)
+    mode, path, total, split = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+    lsparam.parametrize(model, lsparam.LOSTConfig(rank=4))
+    opt = LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, per_layer=True, accumulation_steps=2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    start = 0
+    if mode == "resume":
+        ckpt = torch.load(path, weights_only=True)
+        model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optim"]); sched.load_state_dict(ckpt["sched"])
+        torch.set_rng_state(ckpt["rng"]); start = split
+    for step in range(start, total if mode != "first" else split):
+        x = torch.randn(8, 16)
+        loss = (model(x) - x.flip(-1)).square().mean()
+        loss.backward(); opt.step(); opt.zero_grad(); sched.step()
+        print(f"{step} {loss.item():.10e}")
+    if mode == "first":
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
+                    "rng": torch.get_rng_state()}, path)
+    """
+)
+
+
+def test_exact_resume_in_a_fresh_process(tmp_path):
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    ckpt = str(tmp_path / "ckpt.pt")
+
+    def run(mode):
+        out = subprocess.run([sys.executable, str(script), mode, ckpt, "9", "5"], capture_output=True, text=True, check=True)
+        return out.stdout.split("\n")[:-1]
+
+    uninterrupted = run("full")
+    resumed = run("first") + run("resume")
+    assert len(uninterrupted) == 9
+    assert resumed == uninterrupted  # every loss, bit for bit
