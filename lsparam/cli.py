@@ -15,7 +15,7 @@ COLUMNS_HELP = """columns (GiB, 1 GiB = 2^30 bytes):
   grads       gradients alive at once (all of them, or the largest single one with per-layer updates)
   states      optimizer states (torchao keeps tensors under 4096 elements in full precision)
   indices     sparse index arrays in memory (SLTrain int32 CSR and its transpose, LOST channel list)
-  activations what autograd saves for backward, traced on the meta device for --batch-size x --seq-len
+  activations what autograd saves for backward, traced on fake tensors for --batch-size x --seq-len
   paper       weights + states + indices: the convention of the GaLore and SLTrain memory tables
   peak        modelled peak of one step: max(start of backward, optimizer step), see docs/memory.md
   the row matching --method/--state-bits/--per-layer is marked with '<'"""
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="predicted memory of one training step, across methods (no weights allocated)",
         description="Predict the memory of one training step for every method, with 32- and 8-bit optimizer "
         "states, with and without per-layer updates, like the papers' tables. Nothing is allocated: the "
-        "model is built on the meta device.",
+        "model is built from fake tensors (shapes only).",
         epilog=COLUMNS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lsparam.config import SLTrainConfig, resolve_rank
 from lsparam.methods.base import StructuredParametrization
 from lsparam.methods.svd import balanced_factors, svd
-from lsparam.sparse.matmul import resolve_backend, sparse_linear
+from lsparam.sparse.matmul import is_shape_only, resolve_backend, sparse_linear
 from lsparam.sparse.support import (
     SparseSupport,
     derived_seed,
@@ -54,7 +54,7 @@ class SLTrainParametrization(StructuredParametrization):
         self.scale = config.alpha / self.rank
         shape = (out_features, in_features)
         if on_meta:  # shapes only (memory estimates): drawing a support would cost time for nothing
-            flat = torch.arange(nnz)
+            flat = None
         elif config.sparse_backend == "semi-structured":
             flat = two_four_flat_indices(*shape, self._seed("support"))
         elif config.init == "random":
@@ -62,7 +62,7 @@ class SLTrainParametrization(StructuredParametrization):
         else:  # "dense": chosen from the weight in init_factors; a placeholder until then
             flat = torch.arange(nnz)
         # A random support is regenerated from the seed, so it is kept out of the state_dict.
-        self.support = SparseSupport(flat, shape, persistent=config.init == "dense")
+        self.support = SparseSupport(flat, shape, persistent=config.init == "dense", nnz=nnz)
 
     def _seed(self, purpose: str) -> int:
         return derived_seed(self.config.seed, self.layer_name, self.out_features, self.in_features, purpose)
@@ -90,6 +90,8 @@ class SLTrainParametrization(StructuredParametrization):
         return self.scale * (B @ A) + self.support.to_dense(values)
 
     def backend_for(self, x: torch.Tensor) -> str:
+        if is_shape_only(x):  # memory estimates: the scatter path has shape kernels and saves the same tensors
+            return "scatter"
         return resolve_backend(self.config.sparse_backend, x.device, x.dtype, self.config.density)
 
     def linear(self, x, B, A, values):
@@ -101,4 +103,4 @@ class SLTrainParametrization(StructuredParametrization):
 
 
 def build(config: SLTrainConfig, layer: torch.nn.Linear, name: str) -> SLTrainParametrization:
-    return SLTrainParametrization(config, layer.out_features, layer.in_features, name, on_meta=layer.weight.is_meta)
+    return SLTrainParametrization(config, layer.out_features, layer.in_features, name, on_meta=is_shape_only(layer.weight))

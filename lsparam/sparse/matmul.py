@@ -105,8 +105,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dens
     >>> resolve_backend("auto", torch.device("cpu"), torch.bfloat16, 0.03)
     'scatter'
     """
-    if device.type == "meta":
-        return "scatter"  # shapes only (memory estimates): the scatter path has meta kernels, CSR has none
     if backend == "auto":
         if density > CSR_MAX_DENSITY:
             return "scatter"
@@ -126,6 +124,13 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dens
     if backend not in _PATHS:
         raise ValueError(f"unknown sparse backend {backend!r}; valid: {['auto', *_PATHS]}")
     return backend
+
+
+def is_shape_only(tensor: torch.Tensor) -> bool:
+    """True for meta and fake tensors, which carry shapes but no data (used by memory estimates)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return tensor.is_meta or is_fake(tensor)
 
 
 def sparse_linear(x: torch.Tensor, values: torch.Tensor, support: SparseSupport, backend: str) -> torch.Tensor:

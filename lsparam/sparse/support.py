@@ -63,10 +63,13 @@ class SparseSupport(nn.Module):
         [[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]]
     """
 
-    def __init__(self, flat_indices: torch.Tensor, shape: tuple[int, int], *, persistent: bool):
+    def __init__(self, flat_indices: torch.Tensor | None, shape: tuple[int, int], *, persistent: bool, nnz: int = 0):
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
-        crow, col = self._csr_arrays(flat_indices)
+        if flat_indices is None:  # shapes only (memory estimates on fake tensors): arrays of the right sizes
+            crow, col = torch.zeros(self.shape[0] + 1, dtype=torch.int32), torch.zeros(nnz, dtype=torch.int32)
+        else:
+            crow, col = self._csr_arrays(flat_indices)
         self.register_buffer("crow_indices", crow, persistent=persistent)
         self.register_buffer("col_indices", col, persistent=persistent)
         self._transpose = None  # (crow_t, col_t, perm) on the device of the indices

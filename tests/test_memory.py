@@ -1,0 +1,171 @@
+"""The memory ledger: counts against real models, bytes against the formulas, the CLI."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lsparam
+from lsparam.cli import main
+from lsparam.memory import estimate, measure, method_config
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+CONFIGS = {
+    "full": None,
+    "lowrank": lsparam.LowRankConfig(rank=16),
+    "sltrain": lsparam.SLTrainConfig(rank=16, density=0.05),
+    "lost": lsparam.LOSTConfig(rank=16),
+    "lost-silu": lsparam.LOSTConfig(rank=16, activation="silu"),
+}
+
+
+def real_model(method_config):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    if method_config is not None:
+        lsparam.parametrize(model, method_config)
+    return model
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_estimated_parameter_count_equals_a_real_models_numel(name):
+    predicted = estimate(LlamaConfig(**TINY), CONFIGS[name], param_dtype="fp32")
+    model = real_model(CONFIGS[name])
+    assert predicted.parameter_count == sum(p.numel() for p in model.parameters())
+    assert predicted.parameters == 4 * predicted.parameter_count
+
+
+def test_llama_7b_counts_from_the_config_alone():
+    d, f, layers, vocab = 4096, 11008, 32, 32000
+    dense = 2 * vocab * d + layers * (4 * d * d + 3 * d * f + 2 * d) + d
+    full = estimate("llama_7b", "full")
+    assert full.parameter_count == dense  # 6.74B, LLaMA-7B's published size
+    assert full.parameters == 2 * dense and full.optimizer_states == 2 * 2 * dense  # bf16 weights and states
+    r, nnz = 1024, lambda o, i: math.floor(0.05 * o * i)
+    linear = layers * (4 * (r * 2 * d + nnz(d, d)) + 2 * (r * (d + f) + nnz(f, d)) + r * (d + f) + nnz(d, f))
+    sltrain = estimate("llama_7b", "sltrain")
+    assert sltrain.parameter_count == dense - layers * (4 * d * d + 3 * d * f) + linear
+
+
+def test_state_bytes_follow_torchao_rules():
+    full = estimate(LlamaConfig(**TINY), None, param_dtype="fp32")
+    eight = estimate(LlamaConfig(**TINY), None, param_dtype="fp32", state_bits=8)
+    model = real_model(None)
+    expected = 0
+    for p in model.parameters():
+        n = p.numel()
+        if n < 4096:
+            expected += 2 * 4 * n
+        else:
+            padded = math.ceil(n / 256) * 256
+            expected += 2 * (padded + padded // 256 * 4)
+    assert eight.optimizer_states == expected
+    assert full.optimizer_states == 2 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_per_layer_keeps_only_the_largest_gradient():
+    model = real_model(CONFIGS["sltrain"])
+    whole = estimate(model, param_dtype="fp32")
+    per_layer = estimate(model, param_dtype="fp32", per_layer=True)
+    assert whole.gradients == 4 * sum(p.numel() for p in model.parameters())
+    assert per_layer.gradients == 4 * max(p.numel() for p in model.parameters())
+
+
+def test_activations_match_a_trace_of_the_real_model():
+    config = LlamaConfig(**TINY)
+    model = real_model(CONFIGS["lost"])
+    ids = torch.zeros(2, 32, dtype=torch.long)
+    storages = {}
+    exclude = {p.untyped_storage()._cdata for p in model.parameters()} | {b.untyped_storage()._cdata for b in model.buffers()}
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in exclude:
+            storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    predicted = estimate(config, CONFIGS["lost"], param_dtype="fp32", batch_size=2, seq_len=32)
+    assert predicted.activations == sum(storages.values())
+
+
+def test_checkpointing_reduces_activations():
+    plain = estimate("llama_130m", "lost", batch_size=4)
+    checkpointed = estimate("llama_130m", "lost", batch_size=4, activation_checkpointing=True)
+    assert checkpointed.activations < 0.5 * plain.activations
+
+
+def test_paper_convention_is_weights_plus_states_plus_indices():
+    e = estimate("llama_60m", "sltrain")
+    assert e.paper == e.parameters + e.optimizer_states + e.sparse_indices
+    assert e.sparse_indices > 0
+
+
+def test_measure_counts_a_known_temporary():
+    held = torch.ones(512, 512)  # 1 MiB alive before
+    result = measure(lambda: (held * 2).sum(), device="cpu")
+    assert result.baseline >= held.numel() * 4
+    assert result.peak - result.baseline == pytest.approx(held.numel() * 4, rel=0.01)
+    del held
+
+
+def test_prediction_is_close_to_a_measured_step():
+    config = LlamaConfig(**{**TINY, "vocab_size": 2000, "hidden_size": 128, "intermediate_size": 344})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    lsparam.parametrize(model, lsparam.SLTrainConfig(rank=32, density=0.03))
+    optimizer = lsparam.optim.LeanOptimizer(model, torch.optim.AdamW, lr=1e-3)
+    ids = torch.randint(0, 2000, (2, 64))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()  # states exist from here on, as in any later step
+    measured = measure(step, device="cpu")
+    predicted = estimate(model, param_dtype="fp32", batch_size=2, seq_len=64)
+    assert predicted.total == pytest.approx(measured.peak - measured.baseline + predicted.paper - predicted.sparse_indices, rel=0.5)
+    assert predicted.total == pytest.approx(measured.peak, rel=0.2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"state_bits": 7}, "state_bits must be 32, 8 or 4; got state_bits=7"),
+        ({"param_dtype": "int8"}, "param_dtype must be one of"),
+        ({"batch_size": 0}, "batch_size must be a positive int; got batch_size=0"),
+        ({"optimizer": "lion"}, "optimizer must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        estimate("llama_60m", "full", **kwargs)
+
+
+def test_unknown_size_and_method():
+    with pytest.raises(ValueError, match="unknown model size 'llama_3b'"):
+        estimate("llama_3b")
+    with pytest.raises(ValueError, match="method must be one of"):
+        method_config("galore")
+
+
+def test_cli_prints_every_method_and_marks_the_chosen_row(capsys):
+    assert main(["memory", "--model", "llama_60m", "--method", "sltrain", "--state-bits", "8", "--per-layer"]) == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    rows = lines[2:]
+    assert len(rows) == 5 * 2 * 2
+    marked = [r for r in rows if r.endswith("<")]
+    assert len(marked) == 1 and marked[0].split()[:3] == ["sltrain", "8", "yes"]
+    full_paper = float(rows[0].split()[-2])
+    assert full_paper == pytest.approx(estimate("llama_60m", "full").paper / 2**30, abs=0.006)
+
+
+def test_cli_help_explains_every_column(capsys):
+    with pytest.raises(SystemExit):
+        main(["memory", "--help"])
+    text = capsys.readouterr().out
+    for column in ("params(M)", "weights", "grads", "states", "indices", "activations", "paper", "peak"):
+        assert column in text
