@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from lsparam.config import DEFAULT_CONFIG
 from lsparam.methods import method_for
-from lsparam.methods.base import StructuredParametrization, remove_structured_weight
+from lsparam.methods.base import StructuredParametrization, check_specs_before_loading, remove_structured_weight
 from lsparam.targets import ALL_LINEAR, select_linear_layers
 from lsparam.weight import NoDenseFormError
 
@@ -71,6 +71,9 @@ def parametrize(model: nn.Module, config=None, *, target_modules=ALL_LINEAR, exc
         for layer, dense in registered:  # a failure never leaves a half-converted model
             remove_structured_weight(layer, dense)
         raise
+    if not getattr(model, "_lsparam_load_check", False):
+        model.register_load_state_dict_pre_hook(check_specs_before_loading)
+        model._lsparam_load_check = True
     return model
 
 

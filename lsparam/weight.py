@@ -16,8 +16,12 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
 
-class NoDenseFormError(TypeError):
-    """Raised when a weight with no dense equivalent (SiLU-LOST) is used as a dense matrix."""
+class NoDenseFormError(ValueError):
+    """Raised when a weight with no dense equivalent (SiLU-LOST) is used as a dense matrix.
+
+    A ``ValueError``: Tensor's binary operators turn a ``TypeError`` into ``NotImplemented``, which
+    would hide this message behind "unsupported operand type(s)".
+    """
 
 
 # Metadata reads answered by the wrapper itself, without materialising the dense matrix.

@@ -86,6 +86,17 @@ class StructuredParametrization(nn.Module):
         return f"method={self.method!r}, shape=({self.out_features}, {self.in_features})"
 
 
+def check_specs_before_loading(model: nn.Module, state_dict, prefix: str, *args, **kwargs) -> None:
+    """Load pre-hook of a parametrized model: check every layer's spec before anything is copied.
+
+    ``load_state_dict`` copies module by module, so a per-layer check alone would refuse only after
+    earlier modules had been overwritten.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, StructuredParametrization):
+            _check_spec_on_load(module, state_dict, f"{prefix}{name}.")
+
+
 def _check_spec_on_load(module, state_dict, prefix, *args, **kwargs):
     """Refuse a state_dict whose layer was made with another method, config or shape."""
     key = prefix + "lsparam_spec"

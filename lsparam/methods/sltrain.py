@@ -64,6 +64,14 @@ class SLTrainParametrization(StructuredParametrization):
         # A random support is regenerated from the seed, so it is kept out of the state_dict.
         self.support = SparseSupport(flat, shape, persistent=config.init == "dense", nnz=nnz)
 
+    def spec(self) -> dict:
+        # the random support depends on the layer's name: a state_dict from a layer of another name
+        # (e.g. a model parametrized from another root module) would load onto a different support
+        spec = super().spec()
+        if self.config.init == "random":
+            spec["support_name"] = self.layer_name
+        return spec
+
     def _seed(self, purpose: str) -> int:
         return derived_seed(self.config.seed, self.layer_name, self.out_features, self.in_features, purpose)
 
