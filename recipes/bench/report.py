@@ -1,0 +1,41 @@
+"""Write a benchmark's section into docs/benchmarks.md, with the command, the machine and the date."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+HEADER = "# Benchmarks\n\nEvery figure on this page is written by a script in `recipes/bench/`; each section names the command that produced it.\n"
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = f"CPU only, {os.cpu_count()} cores"
+    return f"{platform.processor() or platform.machine()}, {device}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_section(name: str, title: str, body: str) -> Path:
+    """Replace (or append) the section ``name`` of docs/benchmarks.md."""
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], DOCS.parents[1])] + sys.argv[1:])
+    stamp = datetime.date.today().isoformat()
+    section = (
+        f"<!-- bench:{name}:start -->\n## {title}\n\n"
+        f"Command: `{command}`  \nMachine: {machine()}  \nDate: {stamp}\n\n{body.strip()}\n"
+        f"<!-- bench:{name}:end -->"
+    )
+    text = DOCS.read_text() if DOCS.exists() else HEADER
+    pattern = re.compile(rf"<!-- bench:{name}:start -->.*?<!-- bench:{name}:end -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(text)
+    return DOCS
