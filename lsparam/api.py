@@ -107,7 +107,7 @@ def merge(model: nn.Module) -> nn.Module:
     for name, (_, parametrization) in layers.items():
         if not parametrization.has_dense_form:
             raise NoDenseFormError(
-                f"layer {name!r} ({parametrization.method}, {parametrization.config}) has no dense form and "
+                f"layer {name or '(model)'!r} ({parametrization.method}, {parametrization.config}) has no dense form and "
                 f"cannot be merged; no layer was changed"
             )
     for layer, _ in layers.values():

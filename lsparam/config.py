@@ -66,7 +66,7 @@ def resolve_rank(rank, out_features: int, in_features: int, *, layer: str = "") 
     _check_rank(rank)
     smaller = min(out_features, in_features)
     where = f" for layer {layer!r}" if layer else ""
-    r = int(math.floor(rank * smaller)) if isinstance(rank, float) else int(rank)
+    r = int(rank) if isinstance(rank, numbers.Integral) else int(math.floor(rank * smaller))
     if r < 1:
         raise ValueError(
             f"rank={rank} gives r={r}{where} of shape {out_features}x{in_features}; "

@@ -30,6 +30,8 @@ def _matches(rule, name: str) -> bool:
 
 
 def _check_rule(arg: str, rule) -> None:
+    if arg == "exclude_modules" and rule == ALL_LINEAR:
+        raise ValueError("exclude_modules='all-linear' would exclude every layer; pass a regex or a list of names")
     if rule is None or isinstance(rule, str):
         if isinstance(rule, str) and rule != ALL_LINEAR:
             try:

@@ -99,7 +99,8 @@ class StructuredWeight(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            x = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if isinstance(weight, StructuredWeight) and not isinstance(x, StructuredWeight):
                 y = weight.parametrization.linear(x, *weight.factors)

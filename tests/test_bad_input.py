@@ -352,3 +352,17 @@ def test_refused_load_leaves_the_model_untouched(llama_factory):
     with pytest.raises(ValueError, match="seed"):
         target.load_state_dict(state)
     assert_untouched(target, before, parametrized=set(lsparam.structured_layers(target)))
+
+
+def test_numpy_float_rank_is_a_fraction():
+    import numpy as np
+
+    from lsparam.config import resolve_rank
+
+    assert resolve_rank(np.float32(0.25), 64, 128) == 16
+    assert resolve_rank(np.int64(8), 64, 128) == 8
+
+
+def test_exclude_modules_all_linear_is_refused(llama):
+    with pytest.raises(ValueError, match="exclude_modules='all-linear'"):
+        lsparam.parametrize(llama, lsparam.LowRankConfig(rank=4), exclude_modules="all-linear")

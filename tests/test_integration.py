@@ -469,3 +469,12 @@ def test_summary_counts_match_the_parameters(llama_factory, name):
     assert now == sum(p.numel() for p in model.parameters())
     assert was == sum(p.numel() for p in llama_factory(0).parameters())
     assert share == pytest.approx(100 * now / was, abs=0.05)
+
+
+def test_linear_with_keyword_arguments_uses_the_factorised_forward():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    lsparam.parametrize(layer, lsparam.LOSTConfig(rank=4), target_modules=None)
+    x = torch.randn(3, 16)
+    expected = x @ layer.weight.dense().T + layer.bias
+    torch.testing.assert_close(torch.nn.functional.linear(input=x, weight=layer.weight, bias=layer.bias), expected)
