@@ -126,14 +126,18 @@ def _index_bytes(model: nn.Module, param_dtype: torch.dtype) -> int:
         if isinstance(parametrization, SLTrainParametrization):
             nnz, (out_f, in_f) = parametrization.support.nnz, parametrization.support.shape
             total += 4 * (nnz + out_f + 1)
-            backend = resolve_backend(parametrization.config.sparse_backend, torch.device("cpu"),
-                                      param_dtype if param_dtype in (torch.float32, torch.float64) else torch.bfloat16,
-                                      parametrization.config.density) if parametrization.config.sparse_backend != "semi-structured" else "semi-structured"
-            if backend == "csr":
-                total += 4 * (2 * nnz + in_f + 1)
+            if _uses_csr(parametrization.config, param_dtype):
+                total += 4 * (2 * nnz + in_f + 1)  # the transposed CSR arrays and their permutation
         elif isinstance(parametrization, LOSTParametrization):
             total += 8 * parametrization.channels.numel()
     return total
+
+
+def _uses_csr(config: SLTrainConfig, param_dtype: torch.dtype) -> bool:
+    """Whether SLTrain's sparse path will be CSR on a CPU run in ``param_dtype``."""
+    if config.sparse_backend in ("csr", "auto"):
+        return resolve_backend(config.sparse_backend, torch.device("cpu"), param_dtype, config.density) == "csr"
+    return False
 
 
 class _SavedTensorCounter:

@@ -86,7 +86,8 @@ def select_linear_layers(model: nn.Module, target_modules=ALL_LINEAR, exclude_mo
         candidates = {
             name: m
             for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not head and id(_original_weight(m)) not in tied and name
+            if isinstance(m, nn.Linear) and m is not head and name
+            and (torch_parametrize.is_parametrized(m, "weight") or id(m.weight) not in tied)
         }
         if isinstance(model, nn.Linear) and not candidates:
             candidates = {"": model}
@@ -118,7 +119,3 @@ def select_linear_layers(model: nn.Module, target_modules=ALL_LINEAR, exclude_mo
                 f"parametrizing it would silently untie them. Exclude it or untie the weights first."
             )
     return candidates
-
-
-def _original_weight(m: nn.Linear):
-    return m.weight if not torch_parametrize.is_parametrized(m, "weight") else None

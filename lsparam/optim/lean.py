@@ -107,17 +107,19 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._params = [p for group in self.param_groups for p in group["params"]]
         self._micro_steps = defaultdict(int)  # per parameter (per_layer) or one counter (key None)
         self._proxies = {}  # parameter -> padded flat Parameter the low-bit inner optimizer updates
-        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in self.param_groups]
-        if per_layer:
+        if per_layer:  # one inner optimizer per parameter, with its group's options
             self._inner = [
                 inner_cls([{**options, "params": [self._stepped(p, inner_cls)]}], **self.defaults)
-                for options in groups
+                for options in self.param_groups
                 for p in options["params"]
             ]
             self._hooks = [p.register_post_accumulate_grad_hook(self._per_layer_hook(i)) for i, p in enumerate(self._params)]
         else:
             # one inner optimizer, with every group's options
-            stepped = [{**options, "params": [self._stepped(p, inner_cls) for p in options["params"]]} for options in groups]
+            stepped = [
+                {**options, "params": [self._stepped(p, inner_cls) for p in options["params"]]}
+                for options in self.param_groups
+            ]
             self._inner = [inner_cls(stepped, **self.defaults)]
             self._hooks = []
         # The wrapper's groups ARE the inner optimizers' groups: a scheduler edits what the updates use.
