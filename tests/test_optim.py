@@ -274,3 +274,18 @@ def test_exact_resume_in_a_fresh_process(tmp_path):
     resumed = run("first") + run("resume")
     assert len(uninterrupted) == 9
     assert resumed == uninterrupted  # every loss, bit for bit
+
+
+def test_grad_scaler_unscales_proxied_parameters():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(100, 50))  # 5000 weights: padded to 5120 for 8-bit state
+    optimizer = LeanOptimizer(model, torch.optim.AdamW, lr=1e-3, state_bits=8)
+    x = torch.randn(4, 100)
+    loss = model(x).square().mean()
+    (reference,) = torch.autograd.grad(loss, [model[0].weight], retain_graph=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.numel() > 4096]
+    assert len(grads) == 1
+    torch.testing.assert_close(grads[0][:5000].view(50, 100), reference)

@@ -106,22 +106,24 @@ class LeanOptimizer(torch.optim.Optimizer):
         inner_cls = optimizer_cls if state_bits == 32 else lowbit_optimizer_class(optimizer_cls, state_bits)
         self._params = [p for group in self.param_groups for p in group["params"]]
         self._micro_steps = defaultdict(int)  # per parameter (per_layer) or one counter (key None)
-        self._proxies = {}  # parameter -> padded flat Parameter the low-bit inner optimizer updates
+        self._proxies = {}  # id(parameter) -> (parameter, the padded flat Parameter the inner optimizer updates)
+        # what each inner optimizer updates: the parameter itself, or a padded proxy of it (see _stepped)
+        self._targets = [self._stepped(p, inner_cls) for p in self._params]
+        target_of = dict(zip(map(id, self._params), self._targets))
         if per_layer:  # one inner optimizer per parameter, with its group's options
             self._inner = [
-                inner_cls([{**options, "params": [self._stepped(p, inner_cls)]}], **self.defaults)
+                inner_cls([{**options, "params": [target_of[id(p)]]}], **self.defaults)
                 for options in self.param_groups
                 for p in options["params"]
             ]
             self._hooks = [p.register_post_accumulate_grad_hook(self._per_layer_hook(i)) for i, p in enumerate(self._params)]
         else:
             # one inner optimizer, with every group's options
-            stepped = [
-                {**options, "params": [self._stepped(p, inner_cls) for p in options["params"]]}
-                for options in self.param_groups
-            ]
+            stepped = [{**options, "params": [target_of[id(p)] for p in options["params"]]} for options in self.param_groups]
             self._inner = [inner_cls(stepped, **self.defaults)]
-            self._hooks = []
+            # proxied parameters pass each gradient on to their proxy as soon as it is accumulated, so
+            # clipping, loss scalers (GradScaler.unscale_) and the update all see it in param_groups
+            self._hooks = [p.register_post_accumulate_grad_hook(self._move_gradient) for p, _ in self._proxies.values()]
         # The wrapper's groups ARE the inner optimizers' groups: a scheduler edits what the updates use.
         self.param_groups = [group for inner in self._inner for group in inner.param_groups]
 
@@ -144,15 +146,17 @@ class LeanOptimizer(torch.optim.Optimizer):
         padded[: param.numel()].copy_(param.detach().reshape(-1))
         proxy = nn.Parameter(padded, requires_grad=param.requires_grad)
         param.data = proxy.data[: param.numel()].view(param.shape)
-        self._proxies[param] = proxy
+        self._proxies[id(param)] = (param, proxy)
         return proxy
 
-    def _hand_gradient(self, param: torch.Tensor) -> None:
-        proxy = self._proxies.get(param)
-        if proxy is not None:
-            grad = param.grad.reshape(-1)
-            proxy.grad = torch.nn.functional.pad(grad, (0, proxy.numel() - grad.numel()))
-            param.grad = None
+    def _move_gradient(self, param: torch.Tensor) -> None:
+        """Add a proxied parameter's gradient into its padded proxy's gradient."""
+        if id(param) not in self._proxies or param.grad is None:
+            return
+        proxy = self._proxies[id(param)][1]
+        grad = torch.nn.functional.pad(param.grad.reshape(-1), (0, proxy.numel() - param.numel()))
+        proxy.grad = grad if proxy.grad is None else proxy.grad.add_(grad)
+        param.grad = None
 
     # ---- the update ------------------------------------------------------------------------------
     def _boundary(self, key) -> bool:
@@ -170,10 +174,11 @@ class LeanOptimizer(torch.optim.Optimizer):
         def hook(param):
             if not self._boundary(index):
                 return
-            self._scale_accumulated([param])
+            self._move_gradient(param)
+            target = self._targets[index]
+            self._scale_accumulated([target])
             if self.clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_([param], self.clip_norm)
-            self._hand_gradient(param)
+                torch.nn.utils.clip_grad_norm_([target], self.clip_norm)
             self._inner[index].step()
             self._inner[index].zero_grad(set_to_none=True)
             param.grad = None
@@ -192,12 +197,10 @@ class LeanOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.per_layer or not self._boundary(None):
             return loss
-        with_grad = [p for p in self._params if p.grad is not None]
+        with_grad = [t for t in self._targets if t.grad is not None]
         self._scale_accumulated(with_grad)
         if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(with_grad, self.clip_norm)
-        for p in with_grad:
-            self._hand_gradient(p)
+            torch.nn.utils.clip_grad_norm_(with_grad, self.clip_norm)  # a proxy's padding adds nothing to a norm
         self._inner[0].step()
         return loss
 
@@ -209,10 +212,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         if self.per_layer:
             return
         if self._micro_steps[None] % self.accumulation_steps == 0:
-            for p in self._params:
-                p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
-            for proxy in self._proxies.values():
-                proxy.grad = None
+            for t in self._targets:
+                t.grad = None if set_to_none else (t.grad.zero_() if t.grad is not None else None)
 
     def remove_hooks(self) -> None:
         """Detach the per-layer hooks (the model then trains with ordinary ``step`` calls only)."""
@@ -235,7 +236,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             groups = [{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in g.items()} for g in sd["param_groups"]]
             inner.append({"state": state, "param_groups": groups})
         # Gradients accumulated in an unfinished window belong to the training state too.
-        pending = {str(i): p.grad.detach().clone() for i, p in enumerate(self._params) if p.grad is not None}
+        pending = {str(i): t.grad.detach().clone() for i, t in enumerate(self._targets) if t.grad is not None}
         return {
             "inner": inner,
             "pending_grads": pending,
@@ -263,9 +264,9 @@ class LeanOptimizer(torch.optim.Optimizer):
         self.param_groups = [group for inner in self._inner for group in inner.param_groups]
         self._micro_steps = defaultdict(int, {(None if k == "None" else int(k)): v for k, v in state_dict["micro_steps"].items()})
         pending = state_dict.get("pending_grads", {})
-        for i, param in enumerate(self._params):
+        for i, target in enumerate(self._targets):
             grad = pending.get(str(i))
-            param.grad = None if grad is None else grad.to(device=param.device, dtype=param.dtype).clone()
+            target.grad = None if grad is None else grad.to(device=target.device, dtype=target.dtype).clone()
 
     def __repr__(self) -> str:
         return (
