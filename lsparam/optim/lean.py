@@ -137,7 +137,9 @@ class LeanOptimizer(torch.optim.Optimizer):
         a zero-padded buffer, and the inner optimizer updates that buffer (same storage, so the
         parameter sees every update; the padding gets zero gradient and stays zero).
         """
-        if self.state_bits == 32:
+        if self.state_bits == 32 or _is_sharded(param):
+            # a sharded (FSDP2 DTensor) parameter cannot be re-pointed into a local buffer: torchao
+            # quantises each shard itself, by its own size rule
             return param
         block = self.defaults.get("block_size", default_block_size(inner_cls))
         if param.numel() < 4096 or param.numel() % block == 0:
@@ -273,6 +275,14 @@ class LeanOptimizer(torch.optim.Optimizer):
             f"LeanOptimizer({self.optimizer_cls.__name__}, per_layer={self.per_layer}, state_bits={self.state_bits}, "
             f"accumulation_steps={self.accumulation_steps}, clip_norm={self.clip_norm}, params={len(self._params)})"
         )
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(param, DTensor)
 
 
 def _validate(optimizer_cls, lr, weight_decay, state_bits, accumulation_steps, clip_norm) -> None:
