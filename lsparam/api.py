@@ -88,6 +88,17 @@ def structured_layers(model: nn.Module) -> dict[str, tuple[nn.Module, Structured
     return found
 
 
+def require_dense_form(layers: dict, consequence: str) -> None:
+    """Raise ``NoDenseFormError`` naming the first of ``layers`` (from :func:`structured_layers`) that has
+    no dense form (SiLU-LOST); ``consequence`` finishes the message."""
+    for name, (_, parametrization) in layers.items():
+        if not parametrization.has_dense_form:
+            raise NoDenseFormError(
+                f"layer {name or '(model)'!r} ({parametrization.method}, {parametrization.config}) has no dense "
+                f"form and {consequence}"
+            )
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Replace every structured weight by its dense matrix: plain ``nn.Linear`` layers again; in place.
 
@@ -104,12 +115,7 @@ def merge(model: nn.Module) -> nn.Module:
         (True, True)
     """
     layers = structured_layers(model)
-    for name, (_, parametrization) in layers.items():
-        if not parametrization.has_dense_form:
-            raise NoDenseFormError(
-                f"layer {name or '(model)'!r} ({parametrization.method}, {parametrization.config}) has no dense form and "
-                f"cannot be merged; no layer was changed"
-            )
+    require_dense_form(layers, "cannot be merged; no layer was changed")
     for layer, _ in layers.values():
         with torch.no_grad():
             weight = layer.weight.dense()

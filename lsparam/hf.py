@@ -29,10 +29,9 @@ import os
 import torch
 from torch import nn
 
-from lsparam.api import parametrize, structured_layers
+from lsparam.api import parametrize, require_dense_form, structured_layers
 from lsparam.methods import registered_methods
 from lsparam.optim.lean import LeanOptimizer
-from lsparam.weight import NoDenseFormError
 
 __all__ = [
     "LSPARAM_CONFIG_NAME",
@@ -372,13 +371,9 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         <All keys matched successfully>
     """
     layers = structured_layers(model)
-    for name, (_, parametrization) in layers.items():
-        if not parametrization.has_dense_form:
-            raise NoDenseFormError(
-                f"layer {name or '(model)'!r} ({parametrization.method}, {parametrization.config}) has no dense "
-                f"form, so the model cannot be exported as a dense one; save it parametrized "
-                f"(lsparam.hf.save_parametrized) instead"
-            )
+    require_dense_form(
+        layers, "cannot be exported as a dense model; save it parametrized (lsparam.hf.save_parametrized) instead"
+    )
     prefixes = {(f"{name}." if name else ""): layer for name, (layer, _) in layers.items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
