@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lsparam
 from lsparam.cli import main
-from lsparam.memory import estimate, measure, method_config
+from lsparam.memory import _storage_bytes, estimate, measure, method_config
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
@@ -127,8 +127,11 @@ def test_prediction_is_close_to_a_measured_step():
     step()  # states exist from here on, as in any later step
     measured = measure(step, device="cpu")
     predicted = estimate(model, param_dtype="fp32", batch_size=2, seq_len=64)
-    assert predicted.total == pytest.approx(measured.peak - measured.baseline + predicted.paper - predicted.sparse_indices, rel=0.5)
-    assert predicted.total == pytest.approx(measured.peak, rel=0.2)
+    # measure() counts every tensor alive in the process (other tests' leftovers too): compare the
+    # step's own growth plus what this model and its optimizer hold
+    states = [v for inner in optimizer._inner for s in inner.state.values() for v in s.values()]
+    held = _storage_bytes([*model.parameters(), *model.buffers(), *(v for v in states if isinstance(v, torch.Tensor))])
+    assert predicted.total == pytest.approx(measured.peak - measured.baseline + held, rel=0.15)
 
 
 @pytest.mark.parametrize(
