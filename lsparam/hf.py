@@ -31,6 +31,7 @@ from torch import nn
 
 from lsparam.api import parametrize, require_dense_form, structured_layers
 from lsparam.methods import registered_methods
+from lsparam.methods.base import decode_spec
 from lsparam.optim.lean import LeanOptimizer
 
 __all__ = [
@@ -158,9 +159,9 @@ def _optimizer_kwargs(args, optimizer_cls, per_layer, state_bits, clip_norm, kwa
             )
     if args.fp16 and state_bits != 32:
         raise ValueError(
-            f"state_bits={state_bits} with TrainingArguments(fp16=True): the GradScaler unscales the "
-            f"gradients of the optimizer's param_groups, which for low-bit states hold padded proxies, not "
-            f"the model's parameters. Use bf16=True, or state_bits=32."
+            f"state_bits={state_bits} with TrainingArguments(fp16=True): fp16 loss scaling with torchao's "
+            f"low-bit states is untested (fp16 training needs CUDA, which lsparam's CI lacks). Use "
+            f"bf16=True, or state_bits=32."
         )
     options = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
     accepted = inspect.signature(optimizer_cls.__init__).parameters if isinstance(optimizer_cls, type) else {}
@@ -542,7 +543,7 @@ def load_parametrized(save_directory, model_cls=None, *, dtype: torch.dtype | st
     for key, value in state_dict.items():
         if key == _SPEC_SUFFIX or key.endswith("." + _SPEC_SUFFIX):
             name = key[: -len(_SPEC_SUFFIX)].rstrip(".")
-            specs[name] = json.loads(bytes(value.to(torch.uint8).tolist()).decode())
+            specs[name] = json.loads(decode_spec(value))
     if not specs:
         raise ValueError(
             f"{directory!r} holds no lsparam layers (no '*.{_SPEC_SUFFIX}' entries): it is a plain model, "

@@ -135,9 +135,9 @@ def _index_bytes(model: nn.Module, param_dtype: torch.dtype) -> int:
 
 def _uses_csr(config: SLTrainConfig, param_dtype: torch.dtype) -> bool:
     """Whether SLTrain's sparse path will be CSR on a CPU run in ``param_dtype``."""
-    if config.sparse_backend in ("csr", "auto"):
-        return resolve_backend(config.sparse_backend, torch.device("cpu"), param_dtype, config.density) == "csr"
-    return False
+    if config.sparse_backend == "auto":
+        return resolve_backend("auto", torch.device("cpu"), param_dtype, config.density) == "csr"
+    return config.sparse_backend == "csr"
 
 
 class _SavedTensorCounter:
@@ -187,8 +187,8 @@ def _traced_activations(config, method, dtype, batch_size: int, seq_len: int, la
 _TRACES: dict = {}  # traces depend only on these arguments: the CLI asks for each one four times
 
 
-def _activations(config, method, dtype, batch_size, seq_len, checkpointing: bool) -> tuple[int, int]:
-    """(activations, per-layer activations) from traces of 1- and 2-layer models, extrapolated."""
+def _activations(config, method, dtype, batch_size, seq_len, checkpointing: bool) -> int:
+    """Activation bytes from traces of 1- and 2-layer models, extrapolated to the config's depth."""
     key = (config.to_json_string(), repr(method), dtype, batch_size, seq_len)
     if key not in _TRACES:
         _TRACES[key] = tuple(_traced_activations(config, method, dtype, batch_size, seq_len, n) for n in (1, 2))
@@ -197,8 +197,8 @@ def _activations(config, method, dtype, batch_size, seq_len, checkpointing: bool
     layers = config.num_hidden_layers
     if checkpointing:  # each layer keeps its input; one layer's activations exist during recompute
         layer_input = batch_size * seq_len * config.hidden_size * dtype.itemsize
-        return outside + layers * layer_input + per_layer, per_layer
-    return outside + layers * per_layer, per_layer
+        return outside + layers * layer_input + per_layer
+    return outside + layers * per_layer
 
 
 def estimate(
@@ -273,7 +273,7 @@ def estimate(
 
     backward_transient = 0
     if config is not None:
-        breakdown.activations, _ = _activations(config, method, dtype, batch_size, seq_len, activation_checkpointing)
+        breakdown.activations = _activations(config, method, dtype, batch_size, seq_len, activation_checkpointing)
         # backward starts from the gradient of the logits, as large as the logits themselves
         backward_transient = batch_size * seq_len * config.vocab_size * 4
     else:

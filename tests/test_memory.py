@@ -108,7 +108,6 @@ def test_measure_counts_a_known_temporary():
     result = measure(lambda: (held * 2).sum(), device="cpu")
     assert result.baseline >= held.numel() * 4
     assert result.peak - result.baseline == pytest.approx(held.numel() * 4, rel=0.01)
-    del held
 
 
 def test_prediction_is_close_to_a_measured_step():

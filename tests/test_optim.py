@@ -1,6 +1,5 @@
 """LeanOptimizer against plain torch optimizers: same updates, accumulation, schedulers, resume."""
 
-import copy
 import subprocess
 import sys
 import textwrap

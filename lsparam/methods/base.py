@@ -48,8 +48,7 @@ class StructuredParametrization(nn.Module):
         self.layer_name = layer_name
         self._removal_value = None
         # The config, as JSON bytes: refuses loading a state_dict made with another config.
-        spec = json.dumps(self.spec(), sort_keys=True).encode()
-        self.register_buffer("lsparam_spec", torch.frombuffer(bytearray(spec), dtype=torch.uint8).clone())
+        self.register_buffer("lsparam_spec", encode_spec(self.spec()))
         self.register_load_state_dict_pre_hook(_check_spec_on_load)
 
     # ---- what a method implements -------------------------------------------------------------
@@ -86,6 +85,17 @@ class StructuredParametrization(nn.Module):
         return f"method={self.method!r}, shape=({self.out_features}, {self.in_features})"
 
 
+def encode_spec(spec: dict) -> torch.Tensor:
+    """A layer's spec as the uint8 JSON bytes stored in its ``lsparam_spec`` buffer."""
+    data = json.dumps(spec, sort_keys=True).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def decode_spec(tensor: torch.Tensor) -> str:
+    """The JSON text of an ``lsparam_spec`` tensor (inverse of :func:`encode_spec`)."""
+    return bytes(tensor.to(torch.uint8).cpu().tolist()).decode(errors="replace")
+
+
 def check_specs_before_loading(model: nn.Module, state_dict, prefix: str, *args, **kwargs) -> None:
     """Load pre-hook of a parametrized model: check every layer's spec before anything is copied.
 
@@ -102,7 +112,7 @@ def _check_spec_on_load(module, state_dict, prefix, *args, **kwargs):
     key = prefix + "lsparam_spec"
     if key not in state_dict:
         return
-    stored = bytes(state_dict[key].to(torch.uint8).cpu().tolist()).decode(errors="replace")
+    stored = decode_spec(state_dict[key])
     expected = json.dumps(module.spec(), sort_keys=True)
     if stored != expected:
         try:
