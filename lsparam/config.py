@@ -13,7 +13,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-SPARSE_BACKENDS = ("auto", "csr", "scatter", "semi-structured")
+SPARSE_BACKENDS = ("auto", "gather", "csr", "scatter", "semi-structured")
 LOST_ACTIVATIONS = (None, "silu")
 LOST_SPARSE_INITS = ("original", "residual")
 SLTRAIN_INITS = ("random", "dense")
@@ -161,7 +161,7 @@ class SLTrainConfig(_ConfigBase):
                 f"got density={self.density}"
             )
         if self.sparse_backend == "semi-structured" and self.init == "dense":
-            raise ValueError("init='dense' picks an unstructured support; use it with sparse_backend 'auto', 'csr' or 'scatter'")
+            raise ValueError("init='dense' picks an unstructured support; use it with sparse_backend 'auto', 'gather', 'csr' or 'scatter'")
 
 
 @dataclass

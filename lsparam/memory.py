@@ -126,18 +126,21 @@ def _index_bytes(model: nn.Module, param_dtype: torch.dtype) -> int:
         if isinstance(parametrization, SLTrainParametrization):
             nnz, (out_f, in_f) = parametrization.support.nnz, parametrization.support.shape
             total += 4 * (nnz + out_f + 1)
-            if _uses_csr(parametrization.config, param_dtype):
+            path = _cpu_path(parametrization.config, param_dtype)
+            if path in ("csr", "gather"):
                 total += 4 * (2 * nnz + in_f + 1)  # the transposed CSR arrays and their permutation
+            if path == "gather":
+                total += 4 * nnz  # the row of each entry, for dV
         elif isinstance(parametrization, LOSTParametrization):
             total += 8 * parametrization.channels.numel()
     return total
 
 
-def _uses_csr(config: SLTrainConfig, param_dtype: torch.dtype) -> bool:
-    """Whether SLTrain's sparse path will be CSR on a CPU run in ``param_dtype``."""
+def _cpu_path(config: SLTrainConfig, param_dtype: torch.dtype) -> str:
+    """SLTrain's sparse path on a CPU run in ``param_dtype``."""
     if config.sparse_backend == "auto":
-        return resolve_backend("auto", torch.device("cpu"), param_dtype, config.density) == "csr"
-    return config.sparse_backend == "csr"
+        return resolve_backend("auto", torch.device("cpu"), param_dtype, config.density)
+    return config.sparse_backend
 
 
 class _SavedTensorCounter:

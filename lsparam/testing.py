@@ -109,7 +109,7 @@ def configs(methods=("lowrank", "sltrain", "lost")):
             density=st.floats(0.1, 1.0),
             alpha=st.floats(1.0, 64.0),
             seed=st.integers(0, 2**16),
-            sparse_backend=st.sampled_from(["auto", "csr", "scatter"]),
+            sparse_backend=st.sampled_from(["auto", "gather", "csr", "scatter"]),
             init=st.sampled_from(["random", "dense"]),
         ),
         "lost": st.builds(

@@ -11,6 +11,7 @@ OUT, IN, TOKENS, RANK = 96, 128, 16, 8
 
 CONFIGS = {
     "lowrank": lsparam.LowRankConfig(rank=RANK),
+    "sltrain-gather": lsparam.SLTrainConfig(rank=RANK, density=0.03, sparse_backend="gather"),
     "sltrain-csr": lsparam.SLTrainConfig(rank=RANK, density=0.03, sparse_backend="csr"),
     "sltrain-scatter": lsparam.SLTrainConfig(rank=RANK, density=0.03, sparse_backend="scatter"),
     "lost": lsparam.LOSTConfig(rank=RANK, channel_ratio=0.05),

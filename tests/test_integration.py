@@ -17,6 +17,7 @@ RANK = 8
 CONFIGS = {
     "lowrank": lsparam.LowRankConfig(rank=RANK),
     "sltrain": lsparam.SLTrainConfig(rank=RANK, density=0.05),  # sparse_backend="auto"
+    "sltrain-gather": lsparam.SLTrainConfig(rank=RANK, density=0.05, sparse_backend="gather"),
     "sltrain-csr": lsparam.SLTrainConfig(rank=RANK, density=0.05, sparse_backend="csr"),
     "sltrain-scatter": lsparam.SLTrainConfig(rank=RANK, density=0.05, sparse_backend="scatter"),
     "lost": lsparam.LOSTConfig(rank=RANK, channel_ratio=0.1),

@@ -29,7 +29,7 @@ def sparse_problems(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(problem=sparse_problems(), backend=st.sampled_from(["csr", "scatter"]))
+@given(problem=sparse_problems(), backend=st.sampled_from(["gather", "csr", "scatter"]))
 def test_sparse_linear_matches_dense_and_passes_gradcheck(problem, backend):
     support, values, x, dense = problem
     torch.testing.assert_close(sparse_linear(x, values, support, backend), x @ dense.T, rtol=0, atol=1e-12)
@@ -50,15 +50,16 @@ def test_sparse_linear_handles_batched_3d_input():
     values = torch.randn(9, dtype=torch.float64)
     x = torch.randn(2, 4, 5, dtype=torch.float64)
     expected = x @ support.to_dense(values).T
-    for backend in ("csr", "scatter"):
+    for backend in ("gather", "csr", "scatter"):
         torch.testing.assert_close(sparse_linear(x, values, support, backend), expected)
 
 
 def test_auto_backend_choice():
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu, torch.float32, 0.03) == "csr"
+    assert resolve_backend("auto", cpu, torch.float32, 0.03) == "gather"
     assert resolve_backend("auto", cpu, torch.float32, 0.5) == "scatter"
-    assert resolve_backend("auto", cpu, torch.bfloat16, 0.03) == "scatter"
+    assert resolve_backend("auto", cpu, torch.bfloat16, 0.03) == "gather"
+    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16, 0.03) == "csr"
     assert resolve_backend("scatter", cpu, torch.bfloat16, 0.03) == "scatter"
     with pytest.raises(ValueError, match="csr.*bfloat16"):
         resolve_backend("csr", cpu, torch.bfloat16, 0.03)
@@ -117,7 +118,7 @@ def test_semi_structured_backend_matches_scatter_on_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["csr", "scatter"])
+@pytest.mark.parametrize("backend", ["gather", "csr", "scatter"])
 def test_sltrain_on_cuda_matches_cpu(backend):
     torch.manual_seed(0)
     layer = torch.nn.Linear(96, 64, dtype=torch.float64)

@@ -73,6 +73,7 @@ class SparseSupport(nn.Module):
         self.register_buffer("crow_indices", crow, persistent=persistent)
         self.register_buffer("col_indices", col, persistent=persistent)
         self._transpose = None  # (crow_t, col_t, perm) on the device of the indices
+        self._rows = None  # row of each entry, for the gather path's dV
 
     @property
     def nnz(self) -> int:
@@ -91,14 +92,17 @@ class SparseSupport(nn.Module):
         crow, col = self._csr_arrays(flat_indices)
         self.crow_indices.copy_(crow)
         self.col_indices.copy_(col)
-        self._transpose = None
+        self._forget_derived()
+
+    def _forget_derived(self) -> None:
+        self._transpose = self._rows = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._transpose = None
+        self._forget_derived()
 
     def _apply(self, fn, *args, **kwargs):
-        self._transpose = None
+        self._forget_derived()
         return super()._apply(fn, *args, **kwargs)
 
     def row_indices(self) -> torch.Tensor:
@@ -114,8 +118,15 @@ class SparseSupport(nn.Module):
             self.crow_indices, self.col_indices, values, self.shape, check_invariants=False
         )
 
-    def csr_transposed(self, values: torch.Tensor) -> torch.Tensor:
-        """The ``in×out`` transpose in CSR form, its values permuted from ``values``."""
+    def entry_rows(self) -> torch.Tensor:
+        """The row of each entry (int32), built on first use and cached with the transpose."""
+        if self._rows is None:
+            self._rows = self.row_indices().to(torch.int32)
+        return self._rows
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(crow, col, perm)`` of the ``in×out`` transpose in CSR form (int32, cached): its values are
+        ``values[perm]``."""
         if self._transpose is None:
             rows = self.row_indices()
             cols = self.col_indices.to(torch.int64)
@@ -123,7 +134,11 @@ class SparseSupport(nn.Module):
             crow_t = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=cols.device)
             crow_t[1:] = torch.bincount(cols, minlength=self.shape[1]).cumsum(0)
             self._transpose = (crow_t.to(torch.int32), rows[perm].to(torch.int32), perm.to(torch.int32))
-        crow_t, col_t, perm = self._transpose
+        return self._transpose
+
+    def csr_transposed(self, values: torch.Tensor) -> torch.Tensor:
+        """The ``in×out`` transpose in CSR form, its values permuted from ``values``."""
+        crow_t, col_t, perm = self.transposed()
         return torch.sparse_csr_tensor(
             crow_t, col_t, values.index_select(0, perm), (self.shape[1], self.shape[0]), check_invariants=False
         )

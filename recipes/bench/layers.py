@@ -56,7 +56,7 @@ def variants(out_features: int, in_features: int, device, dtype):
     torch.nn.utils.parametrize.register_parametrization(naive, "weight", NaiveSLTrain(factors, p.support, p.scale), unsafe=True)
     out["naive parametrize (SLTrain)"] = (naive, dense_macs + rank * (in_features + out_features))
     out["lsparam low-rank"] = (make(lsparam.LowRankConfig(rank=rank)), rank * (in_features + out_features))
-    backends = ["csr", "scatter"] if dtype in (torch.float32, torch.float64) or device.type == "cuda" else ["scatter"]
+    backends = ["gather", "csr", "scatter"] if dtype in (torch.float32, torch.float64) or device.type == "cuda" else ["gather", "scatter"]
     for backend in backends:
         config = lsparam.SLTrainConfig(rank=rank, density=0.03, sparse_backend=backend)
         out[f"lsparam SLTrain ({backend})"] = (make(config), rank * (in_features + out_features) + nnz)
