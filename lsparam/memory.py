@@ -236,8 +236,8 @@ def estimate(
         >>> lean = estimate("llama_60m", "sltrain", state_bits=8, per_layer=True, param_dtype="fp32")
         >>> round(full.parameter_count / 1e6, 1), round(lean.parameter_count / 1e6, 1)
         (58.1, 43.5)
-        >>> round(lean.total / full.total, 2)  # measured on CPU: 560.2 / 1013.8 MiB = 0.55
-        0.55
+        >>> round(lean.total / full.total, 2)  # measured on CPU: the memory section of docs/benchmarks.md
+        0.56
     """
     dtype = _DTYPES.get(param_dtype, param_dtype)
     if not isinstance(dtype, torch.dtype):
