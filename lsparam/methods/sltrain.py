@@ -26,7 +26,7 @@ def sltrain_nnz(density: float, out_features: int, in_features: int) -> int:
     >>> sltrain_nnz(0.03, 512, 1376)
     21135
     """
-    return int(math.floor(density * out_features * in_features))
+    return int(math.floor(density * (out_features * in_features)))  # one rounding, whatever the shape
 
 
 class SLTrainParametrization(StructuredParametrization):

@@ -1,0 +1,143 @@
+"""Training step: tokens/s and measured peak memory of a whole step (forward, backward, optimizer update).
+
+LLaMA-20M and -60M shapes (the papers' 32000-token vocabulary), batch x 256 tokens, fp32 on CPU (bf16
+on CUDA), each method at its per-size defaults x {AdamW with 32-bit states, 8-bit states with per-layer
+updates}. Every configuration runs in a fresh process: ``--warmup`` steps, then ``--repeats`` timed
+steps (the median is reported), then one step measured by ``lsparam.memory.measure``. With
+``--compile`` the models of the first size are also run under ``torch.compile`` (AdamW only), to show what
+compiling changes.
+
+    python recipes/bench/step.py --compile                # writes the table into docs/benchmarks.md
+    python recipes/bench/step.py --sizes llama_20m --methods full lost --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ["full", "lowrank", "sltrain", "lost", "lost-silu"]
+OPTIMIZERS = {"adamw": (32, False), "8bit-per-layer": (8, True)}  # name -> (state bits, per-layer updates)
+
+
+def one_run(size: str, method: str, optimizer: str, compiled: bool, args) -> dict:
+    """Time and measure one configuration (runs inside the child process)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lsparam
+    from lsparam.llama_sizes import llama_config
+    from lsparam.memory import measure, method_config
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = llama_config(size)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(device)
+    settings = method_config(method, size)
+    if settings is not None:
+        lsparam.parametrize(model, settings, progress=False)
+    bits, per_layer = OPTIMIZERS[optimizer]
+    opt = lsparam.optim.LeanOptimizer(model, torch.optim.AdamW, lr=1e-3, per_layer=per_layer, state_bits=bits)
+    forward = torch.compile(model) if compiled else model
+    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
+
+    def step():
+        forward(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup_seconds = time.perf_counter() - started
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = measure(step, device=device).peak
+    seconds = statistics.median(times)
+    return {"size": size, "method": method, "optimizer": optimizer, "compiled": compiled,
+            "params": sum(p.numel() for p in model.parameters()), "step_seconds": seconds,
+            "tokens_per_s": args.batch_size * args.seq_len / seconds, "peak_bytes": peak,
+            "warmup_seconds": warmup_seconds, "threads": torch.get_num_threads()}
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["llama_20m", "llama_60m"])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time each method under torch.compile (AdamW)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    if args.child:
+        size, method, optimizer, compiled = json.loads(args.child)
+        print(json.dumps(one_run(size, method, optimizer, compiled, args)))
+        return
+
+    runs = [(s, m, o, False) for s in args.sizes for m in args.methods for o in args.optimizers]
+    if args.compile:  # compiling takes minutes per model on CPU: the smallest size shows the effect
+        runs += [(args.sizes[0], m, "adamw", True) for m in args.methods]
+    results = []
+    for run in runs:
+        child = json.dumps(run)
+        flags = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
+                 "--repeats", str(args.repeats)]
+        out = subprocess.run([sys.executable, __file__, "--child", child, *flags], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"run {child} failed:\n{out.stderr[-3000:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append(result)
+        print(f"{run[0]} {run[1]:9s} {run[2]:15s} compiled={run[3]!s:5s} {result['tokens_per_s']:8.0f} tok/s "
+              f"{result['peak_bytes'] / 2**20:8.1f} MiB (warm-up {result['warmup_seconds']:.1f} s)", flush=True)
+
+    def base(r):
+        return next(b for b in results if (b["size"], b["method"], b["optimizer"], b["compiled"]) ==
+                    (r["size"], "full", "adamw", False))
+
+    lines = [
+        f"One training step (forward, backward, update) of a LLaMA of the papers' shapes (32000-token vocabulary), "
+        f"batch {args.batch_size} x {args.seq_len} tokens, {'bf16 on CUDA' if torch_cuda() else 'fp32 on CPU'}, "
+        f"{results[0]['threads']} threads; median of {args.repeats} steps after {args.warmup} warm-up steps, each "
+        f"configuration in a fresh process. Peak memory measured with `lsparam.memory.measure` on one step. Ratios "
+        f"are to full-rank AdamW (32-bit states) of the same size, in the same run.",
+        "",
+        "| size | method | optimizer | compiled | tokens/s | vs full-rank | peak (MiB) | vs full-rank |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        b = base(r)
+        lines.append(
+            f"| {r['size']} | {r['method']} | {r['optimizer']} | {'yes' if r['compiled'] else 'no'} | "
+            f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / b['tokens_per_s']:.2f} | {r['peak_bytes'] / 2**20:,.1f} | "
+            f"{r['peak_bytes'] / b['peak_bytes']:.2f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        from report import write_section
+
+        print("wrote", write_section("step", "Training step: tokens/s and peak memory", table))
+
+
+if __name__ == "__main__":
+    main()
