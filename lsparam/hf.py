@@ -169,7 +169,11 @@ def _optimizer_kwargs(args, optimizer_cls, per_layer, state_bits, clip_norm, kwa
         options["betas"] = (args.adam_beta1, args.adam_beta2)
     if "eps" in accepted:
         options["eps"] = args.adam_epsilon
+    if "fused" in accepted:  # as the Trainer's own optimizer: fused only for a *_fused optim
+        options["fused"] = str(getattr(args.optim, "value", args.optim)).endswith("_fused")
     options.update(kwargs)  # explicit keywords win over TrainingArguments
+    if "foreach" in kwargs and "fused" not in kwargs:
+        options.pop("fused", None)
     options.update(per_layer=per_layer, state_bits=state_bits, clip_norm=clip_norm)
     return options
 

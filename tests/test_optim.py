@@ -39,7 +39,23 @@ def train(model, optimizer, data):
 
 
 def plain_adamw(model, **kwargs):
-    return torch.optim.AdamW(param_groups_by_role(model, kwargs.pop("weight_decay", 0.0)), **kwargs)
+    """torch's AdamW with its fused kernel, which LeanOptimizer uses by default for 32-bit states."""
+    return torch.optim.AdamW(param_groups_by_role(model, kwargs.pop("weight_decay", 0.0)), fused=True, **kwargs)
+
+
+def test_fused_kernel_is_the_default_only_where_it_applies():
+    model = small_model()
+    assert LeanOptimizer(model, torch.optim.AdamW).defaults["fused"] is True
+    assert "fused" not in LeanOptimizer(model, torch.optim.AdamW, foreach=False).defaults  # the user's choice stands
+    assert "fused" not in LeanOptimizer(model, torch.optim.RMSprop).defaults  # no fused kernel in torch
+    # unfused on request: the same updates as torch's own unfused AdamW
+    data = batches(3)
+    model_ref = small_model()
+    reference = train(model_ref, torch.optim.AdamW(model_ref.parameters(), lr=1e-2, weight_decay=0.0, foreach=False), data)
+    model = small_model()
+    got = train(model, LeanOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2, foreach=False), data)
+    for g, w in zip(got, reference):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("config", [lsparam.SLTrainConfig(rank=4, density=0.2), lsparam.LOSTConfig(rank=4)])

@@ -14,6 +14,8 @@ groups, so LR schedulers change the learning rate the updates really use.
 
 from __future__ import annotations
 
+import inspect
+
 import math
 import numbers
 from collections import defaultdict
@@ -66,6 +68,10 @@ class LeanOptimizer(torch.optim.Optimizer):
         accumulation_steps: micro-batches per update. Call ``backward``/``step``/``zero_grad`` on every
             micro-batch with each micro-batch's mean loss: gradients are averaged and applied once
             every ``accumulation_steps`` micro-batches.
+        optimizer_kwargs: passed to ``optimizer_cls``. Where the class takes ``fused`` (torch's Adam, AdamW,
+            SGD, ...) and neither ``fused`` nor ``foreach`` is given, 32-bit states use ``fused=True``:
+            one kernel per update instead of a loop of elementwise ops (about 0.35 s of a 2 s
+            LLaMA-60M step on 2 CPU cores; see the step benchmark).
         clip_norm: gradient clipping. With ``per_layer=False`` the global norm over all parameters;
             with ``per_layer=True`` each parameter's own gradient norm (the global norm is never
             available when gradients are freed layer by layer).
@@ -97,6 +103,9 @@ class LeanOptimizer(torch.optim.Optimizer):
         _validate(optimizer_cls, lr, weight_decay, state_bits, accumulation_steps, clip_norm)
         if isinstance(params, nn.Module):
             params = param_groups_by_role(params, weight_decay)
+        params = list(params)
+        if state_bits == 32:
+            optimizer_kwargs = _with_fused_default(optimizer_cls, params, optimizer_kwargs)
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **optimizer_kwargs})
         self.optimizer_cls = optimizer_cls
         self.per_layer = bool(per_layer)
@@ -297,3 +306,16 @@ def _validate(optimizer_cls, lr, weight_decay, state_bits, accumulation_steps, c
         raise ValueError(f"accumulation_steps must be an int >= 1; got accumulation_steps={accumulation_steps!r}")
     if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(clip_norm, numbers.Real) or not clip_norm > 0):
         raise ValueError(f"clip_norm must be None or a positive number; got clip_norm={clip_norm!r}")
+
+
+def _with_fused_default(optimizer_cls, params: list, optimizer_kwargs: dict) -> dict:
+    """``optimizer_kwargs`` plus ``fused=True`` where the class has a fused kernel for these parameters."""
+    if "fused" in optimizer_kwargs or "foreach" in optimizer_kwargs or optimizer_kwargs.get("differentiable"):
+        return optimizer_kwargs
+    if "fused" not in inspect.signature(optimizer_cls.__init__).parameters:
+        return optimizer_kwargs
+    tensors = [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    supported = all(t.is_floating_point() and t.device.type in ("cpu", "cuda") and type(t) in (torch.Tensor, nn.Parameter)
+                    for t in tensors)
+    return {**optimizer_kwargs, "fused": True} if tensors and supported else optimizer_kwargs
