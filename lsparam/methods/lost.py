@@ -21,6 +21,48 @@ def lost_channels(channel_ratio: float, in_features: int) -> int:
     return max(1, int(math.floor(channel_ratio * in_features)))
 
 
+class _LOSTLinear(torch.autograd.Function):
+    """``y = [φ(x Aᵀ), x_I] [γ B, (1-γ) W_s]ᵀ``: both paths in one GEMM, with a hand-written backward.
+
+    Against autograd on the same ops it saves the concatenated weight's copy (rebuilt in backward from
+    the factors) and, for ``dX``, adds the kept channels' gradient into ``dφ A`` in place instead of
+    scattering it into a zero-filled ``x``-sized tensor and adding that.
+    """
+
+    @staticmethod
+    def forward(ctx, x, B, A, sparse, channels, gamma: float, silu: bool):
+        pre = F.linear(x, A)
+        hidden = F.silu(pre) if silu else pre
+        inputs = torch.cat([hidden, x.index_select(-1, channels)], dim=-1)
+        ctx.gamma, ctx.silu = gamma, silu
+        ctx.save_for_backward(x, B, A, sparse, channels, inputs, pre if silu else None)
+        return F.linear(inputs, _joint_weight(B, sparse, gamma))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, B, A, sparse, channels, inputs, pre = ctx.saved_tensors
+        gamma, rank = ctx.gamma, A.shape[0]
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_B = grad_A = grad_sparse = None
+        grad_inputs = g2 @ _joint_weight(B, sparse, gamma)  # (T, r + m)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            grad_weight = g2.t() @ inputs.reshape(-1, inputs.shape[-1])
+            grad_B, grad_sparse = gamma * grad_weight[:, :rank], (1.0 - gamma) * grad_weight[:, rank:]
+        grad_pre = grad_inputs[:, :rank]
+        if ctx.silu:
+            sig = torch.sigmoid(pre.reshape(-1, rank))
+            grad_pre = grad_pre * (sig * (1 + pre.reshape(-1, rank) * (1 - sig)))
+        if ctx.needs_input_grad[2]:
+            grad_A = grad_pre.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_pre @ A).index_add_(-1, channels, grad_inputs[:, rank:]).reshape(x.shape)
+        return grad_x, grad_B, grad_A, grad_sparse, None, None, None
+
+
+def _joint_weight(B: torch.Tensor, sparse: torch.Tensor, gamma: float) -> torch.Tensor:
+    return torch.cat([gamma * B, (1.0 - gamma) * sparse], dim=1)
+
+
 class LOSTParametrization(StructuredParametrization):
     """Factors ``B`` (out×r), ``A`` (r×in) and ``sparse`` (out×m, the kept input channels).
 
@@ -64,12 +106,7 @@ class LOSTParametrization(StructuredParametrization):
         return (self.gamma * B @ A).index_add(1, self.channels, (1.0 - self.gamma) * sparse)
 
     def linear(self, x, B, A, sparse):
-        hidden = F.linear(x, A)
-        if self.config.activation == "silu":
-            hidden = F.silu(hidden)
-        # both paths in one GEMM: [φ(x Aᵀ), x_I] [γ B, (1-γ) W_s]ᵀ (4-20% faster than two GEMMs and an add)
-        inputs = torch.cat([hidden, x.index_select(-1, self.channels)], dim=-1)
-        return F.linear(inputs, torch.cat([self.gamma * B, (1.0 - self.gamma) * sparse], dim=1))
+        return _LOSTLinear.apply(x, B, A, sparse, self.channels, self.gamma, self.config.activation == "silu")
 
     def extra_repr(self) -> str:
         act = self.config.activation or "linear"
