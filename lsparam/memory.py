@@ -119,8 +119,8 @@ def _state_bytes(numel: int, state_bits: int, param_bytes: int, per_state: int) 
 
 
 def _index_bytes(model: nn.Module, param_dtype: torch.dtype) -> int:
-    """Sparse-index bytes held in memory: SLTrain's int32 CSR arrays (and the transpose the CSR path
-    builds for backward), LOST's int64 channel list."""
+    """Sparse-index bytes held in memory: SLTrain's int32 CSR arrays (and the transpose the gather and
+    CSR paths build for backward), LOST's int64 channel list."""
     total = 0
     for _, parametrization in structured_layers(model).values():
         if isinstance(parametrization, SLTrainParametrization):

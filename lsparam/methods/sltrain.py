@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lsparam.config import SLTrainConfig, resolve_rank
 from lsparam.methods.base import StructuredParametrization
 from lsparam.methods.svd import balanced_factors, svd
-from lsparam.sparse.matmul import is_shape_only, resolve_backend, sparse_linear
+from lsparam.sparse.matmul import bag_sum, entry_dots, is_shape_only, resolve_backend, sparse_linear
 from lsparam.sparse.support import (
     SparseSupport,
     derived_seed,
@@ -27,6 +27,44 @@ def sltrain_nnz(density: float, out_features: int, in_features: int) -> int:
     21135
     """
     return int(math.floor(density * (out_features * in_features)))  # one rounding, whatever the shape
+
+
+class _GatherSLTrainLinear(torch.autograd.Function):
+    """``y = (x Aᵀ)(s·B)ᵀ + x Sᵀ`` on the gather path, as one autograd function.
+
+    The sparse path adds into the low-rank output in the forward, and into the low-rank input gradient
+    in the backward, in place: no token×features temporaries and no extra add passes. ``s·B`` is not
+    saved (autograd would keep that copy per layer); only ``x`` and ``x Aᵀ`` are.
+    """
+
+    @staticmethod
+    def forward(ctx, x, B, A, values, support: SparseSupport, scale: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        hidden = x2 @ A.t()
+        y = hidden @ (scale * B).t()
+        bag_sum(x2, support.col_indices, support.crow_indices[:-1], values, support.shape[0], out=y)
+        ctx.support, ctx.scale = support, scale
+        ctx.save_for_backward(x, B, A, values, hidden)
+        return y.reshape(*x.shape[:-1], support.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, B, A, values, hidden = ctx.saved_tensors
+        support, scale = ctx.support, ctx.scale
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = grad_B = grad_A = grad_values = None
+        grad_hidden = g2 @ (scale * B)
+        if ctx.needs_input_grad[1]:
+            grad_B = scale * (g2.t() @ hidden)
+        if ctx.needs_input_grad[2]:
+            grad_A = grad_hidden.t() @ x2
+        if ctx.needs_input_grad[0]:
+            crow_t, col_t, perm = support.transposed()
+            grad_x = bag_sum(g2, col_t, crow_t[:-1], values.index_select(0, perm), support.shape[1], out=grad_hidden @ A)
+            grad_x = grad_x.reshape(x.shape)
+        if ctx.needs_input_grad[3]:
+            grad_values = entry_dots(g2, x2, support)
+        return grad_x, grad_B, grad_A, grad_values, None, None
 
 
 class SLTrainParametrization(StructuredParametrization):
@@ -103,8 +141,11 @@ class SLTrainParametrization(StructuredParametrization):
         return resolve_backend(self.config.sparse_backend, x.device, x.dtype, self.config.density)
 
     def linear(self, x, B, A, values):
+        backend = self.backend_for(x)
+        if backend == "gather":
+            return _GatherSLTrainLinear.apply(x, B, A, values, self.support, self.scale)
         low_rank = F.linear(F.linear(x, A), B * self.scale)
-        return low_rank + sparse_linear(x, values, self.support, self.backend_for(x))
+        return low_rank + sparse_linear(x, values, self.support, backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, nnz={self.nnz()}, scale={self.scale:g}"

@@ -2,8 +2,8 @@
 
 2048 tokens, fp32 on CPU (bf16 on CUDA when a GPU is there), LLaMA shapes, rank = 1/4 of the smaller
 side, SLTrain density 0.03, LOST channel ratio 0.05. Each figure is the median of ``--repeats`` timed
-runs after warm-up, reported as a ratio to dense measured in the same run, next to its floor (the
-method's multiply-adds over dense multiply-adds).
+rounds after warm-up (every layer timed once per round, in turn), reported as a ratio to dense measured
+in the same rounds, next to its floor (the method's multiply-adds over dense multiply-adds).
 
     python recipes/bench/layers.py                 # writes the table into docs/benchmarks.md
     python recipes/bench/layers.py --shapes 1024x2736 --repeats 5 --no-write
@@ -66,21 +66,25 @@ def variants(out_features: int, in_features: int, device, dtype):
     return out
 
 
-def time_fwd_bwd(layer, x, repeats: int, warmup: int = 2) -> float:
-    def run():
+def time_fwd_bwd(layers: dict, x, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of forward + backward per layer, the layers timed in turn within each round, so
+    a slow spell on a shared machine lands on every layer alike rather than on one."""
+    def run(layer):
+        layer.zero_grad(set_to_none=True)
+        start = time.perf_counter()
         layer(x).sum().backward()
         if x.device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter() - start
 
-    for _ in range(warmup):
-        run()
-    times = []
+    for layer in layers.values():
+        for _ in range(warmup):
+            run(layer)
+    times = {name: [] for name in layers}
     for _ in range(repeats):
-        layer.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, layer in layers.items():
+            times[name].append(run(layer))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -98,7 +102,7 @@ def main() -> None:
         out_features, in_features = (int(s) for s in shape.split("x"))
         x = torch.randn(args.tokens, in_features, device=device, dtype=dtype, requires_grad=True)
         layers = variants(out_features, in_features, device, dtype)
-        seconds = {name: time_fwd_bwd(layer, x, args.repeats) for name, (layer, _) in layers.items()}
+        seconds = time_fwd_bwd({name: layer for name, (layer, _) in layers.items()}, x, args.repeats)
         dense_macs = layers["dense"][1]
         for name, (_, macs) in layers.items():
             rows.append((shape, name, seconds[name] * 1e3, seconds[name] / seconds["dense"], macs / dense_macs))
@@ -107,8 +111,8 @@ def main() -> None:
 
     lines = [
         f"Forward + backward of one layer, {args.tokens} tokens, {str(dtype).removeprefix('torch.')} on {device.type}, "
-        f"rank = 1/4 of the smaller side, SLTrain δ = 0.03, LOST ρ = 0.05; median of {args.repeats} runs after "
-        f"warm-up. *Floor*: the method's multiply-adds over dense multiply-adds.",
+        f"rank = 1/4 of the smaller side, SLTrain δ = 0.03, LOST ρ = 0.05; median of {args.repeats} rounds after "
+        f"warm-up, the layers timed in turn in each round. *Floor*: the method's multiply-adds over dense multiply-adds.",
         "",
         "| shape (out×in) | layer | ms | time / dense | floor |",
         "|---|---|---|---|---|",
