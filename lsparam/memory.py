@@ -129,8 +129,6 @@ def _index_bytes(model: nn.Module, param_dtype: torch.dtype) -> int:
             path = _cpu_path(parametrization.config, param_dtype)
             if path in ("csr", "gather"):
                 total += 4 * (2 * nnz + in_f + 1)  # the transposed CSR arrays and their permutation
-            if path == "gather":
-                total += 4 * nnz  # the row of each entry, for dV
         elif isinstance(parametrization, LOSTParametrization):
             total += 8 * parametrization.channels.numel()
     return total
@@ -215,6 +213,7 @@ def estimate(
     batch_size: int = 1,
     seq_len: int = 256,
     activation_checkpointing: bool = False,
+    fused: bool = True,
 ) -> MemoryBreakdown:
     """Predict the memory of one training step, by kind.
 
@@ -229,6 +228,8 @@ def estimate(
         param_dtype: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype (weights, gradients, activations).
         batch_size, seq_len: the micro-batch.
         activation_checkpointing: keep only each decoder layer's input for backward.
+        fused: 32-bit states updated by torch's fused kernel (``LeanOptimizer``'s default), which makes
+            no step temporaries; False for the unfused loop (``foreach=False``).
 
     Example:
         >>> from lsparam.memory import estimate
@@ -237,7 +238,7 @@ def estimate(
         >>> round(full.parameter_count / 1e6, 1), round(lean.parameter_count / 1e6, 1)
         (58.1, 43.5)
         >>> round(lean.total / full.total, 2)  # measured on CPU: the memory section of docs/benchmarks.md
-        0.56
+        0.63
     """
     dtype = _DTYPES.get(param_dtype, param_dtype)
     if not isinstance(dtype, torch.dtype):
@@ -281,13 +282,15 @@ def estimate(
         backward_transient = batch_size * seq_len * config.vocab_size * 4
     else:
         breakdown.notes.append("no transformers config: activations not estimated")
-    # optimizer step temporaries, per parameter updated (measured, docs/benchmarks.md): torch's
-    # single-tensor AdamW (the CPU default) makes about two the size of the parameter, torchao's
-    # compiled low-bit step about one fp32 copy
-    if optimizer == "sgd":
-        step_transient = largest * itemsize
+    # optimizer step temporaries, per parameter updated (measured, docs/benchmarks.md): none for torch's
+    # fused kernel; its single-tensor loop makes about two the size of the parameter (AdamW) or one
+    # (SGD); torchao's compiled low-bit step about one fp32 copy
+    if state_bits != 32:
+        step_transient = largest * 4
+    elif fused:
+        step_transient = 0
     else:
-        step_transient = 2 * largest * itemsize if state_bits == 32 else largest * 4
+        step_transient = (1 if optimizer == "sgd" else 2) * largest * itemsize
 
     resident = breakdown.parameters + breakdown.optimizer_states + breakdown.sparse_indices
     if per_layer:  # updates run inside backward, while the activations are still alive

@@ -55,7 +55,8 @@ def bag_sum(table: torch.Tensor, indices, offsets, weights, bags: int, out: torc
 
 def entry_dots(grad: torch.Tensor, x: torch.Tensor, support: SparseSupport) -> torch.Tensor:
     """``dV[k] = Σ_t grad[t, row k] · x[t, col k]``, the gradient of the values, one block of tokens at a time."""
-    offsets, rows = support.crow_indices[:-1], support.entry_rows()
+    # each entry's row: rebuilt per call (a fast pass over the CSR) rather than kept, 4 bytes per entry
+    offsets, rows = support.crow_indices[:-1], support.row_indices().to(support.col_indices.dtype)
     total = None
     for start in range(0, x.shape[0], GATHER_DV_BLOCK):
         g_block = grad[start:start + GATHER_DV_BLOCK].t().contiguous()

@@ -73,7 +73,6 @@ class SparseSupport(nn.Module):
         self.register_buffer("crow_indices", crow, persistent=persistent)
         self.register_buffer("col_indices", col, persistent=persistent)
         self._transpose = None  # (crow_t, col_t, perm) on the device of the indices
-        self._rows = None  # row of each entry, for the gather path's dV
 
     @property
     def nnz(self) -> int:
@@ -95,7 +94,7 @@ class SparseSupport(nn.Module):
         self._forget_derived()
 
     def _forget_derived(self) -> None:
-        self._transpose = self._rows = None
+        self._transpose = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -117,12 +116,6 @@ class SparseSupport(nn.Module):
         return torch.sparse_csr_tensor(
             self.crow_indices, self.col_indices, values, self.shape, check_invariants=False
         )
-
-    def entry_rows(self) -> torch.Tensor:
-        """The row of each entry (int32), built on first use and cached with the transpose."""
-        if self._rows is None:
-            self._rows = self.row_indices().to(torch.int32)
-        return self._rows
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(crow, col, perm)`` of the ``in×out`` transpose in CSR form (int32, cached): its values are

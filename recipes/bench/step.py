@@ -2,13 +2,15 @@
 
 LLaMA-20M and -60M shapes (the papers' 32000-token vocabulary), batch x 256 tokens, fp32 on CPU (bf16
 on CUDA), each method at its per-size defaults x {AdamW with 32-bit states, 8-bit states with per-layer
-updates} (AdamW is LeanOptimizer's default, torch's fused kernel; ``--optimizers adamw-unfused`` adds
-the unfused loop for comparison). Every configuration runs in a fresh process: ``--warmup`` steps, then ``--repeats`` timed
-steps (the median is reported), then one step measured by ``lsparam.memory.measure``. With
+updates} (AdamW is LeanOptimizer's default, torch's fused kernel; ``--unfused`` adds
+the unfused loop for comparison). Speed: all configurations of a size are built in one fresh process,
+warmed up (``--warmup`` steps), then timed in turn for ``--repeats`` rounds (median reported), so a slow
+spell of the shared machine hits every ratio alike. Memory: each configuration alone in a fresh process,
+one step after warm-up measured by ``lsparam.memory.measure``. With
 ``--compile`` the models of the first size are also run under ``torch.compile`` (AdamW only), to show what
 compiling changes.
 
-    python recipes/bench/step.py --compile                # writes the table into docs/benchmarks.md
+    python recipes/bench/step.py --compile --unfused      # writes the table into docs/benchmarks.md
     python recipes/bench/step.py --sizes llama_20m --methods full lost --no-write
 """
 
@@ -26,14 +28,14 @@ METHODS = ["full", "lowrank", "sltrain", "lost", "lost-silu"]
 OPTIMIZERS = {"adamw": (32, False, {}), "8bit-per-layer": (8, True, {}), "adamw-unfused": (32, False, {"foreach": False})}
 
 
-def one_run(size: str, method: str, optimizer: str, compiled: bool, args) -> dict:
-    """Time and measure one configuration (runs inside the child process)."""
+def build_step(size: str, method: str, optimizer: str, compiled: bool, args):
+    """A model of ``size`` with ``method`` and its optimizer; returns (one training step, parameter count)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import lsparam
     from lsparam.llama_sizes import llama_config
-    from lsparam.memory import measure, method_config
+    from lsparam.memory import method_config
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,21 +57,48 @@ def one_run(size: str, method: str, optimizer: str, compiled: bool, args) -> dic
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    started = time.perf_counter()
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def time_size(runs: list, args) -> list[dict]:
+    """Tokens/s of every configuration of one size, built side by side in this process and timed in
+    turn within each round: a slow spell of a shared machine lands on every configuration alike."""
+    import torch
+
+    steps, results = [], []
+    for run in runs:
+        step, params = build_step(*run, args)
+        started = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        steps.append(step)
+        results.append({"size": run[0], "method": run[1], "optimizer": run[2], "compiled": run[3], "params": params,
+                        "warmup_seconds": time.perf_counter() - started, "threads": torch.get_num_threads()})
+    times = [[] for _ in runs]
+    for _ in range(args.repeats):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - start)
+    for result, seconds in zip(results, times):
+        result["step_seconds"] = statistics.median(seconds)
+        result["tokens_per_s"] = args.batch_size * args.seq_len / result["step_seconds"]
+    return results
+
+
+def measure_one(run, args) -> dict:
+    """Peak memory of one step after warm-up, alone in this process."""
+    from lsparam.memory import measure
+
+    step, _ = build_step(*run, args)
     for _ in range(args.warmup):
         step()
-    warmup_seconds = time.perf_counter() - started
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak = measure(step, device=device).peak
-    seconds = statistics.median(times)
-    return {"size": size, "method": method, "optimizer": optimizer, "compiled": compiled,
-            "params": sum(p.numel() for p in model.parameters()), "step_seconds": seconds,
-            "tokens_per_s": args.batch_size * args.seq_len / seconds, "peak_bytes": peak,
-            "warmup_seconds": warmup_seconds, "threads": torch.get_num_threads()}
+    return {"peak_bytes": measure(step).peak}
+
+
+def child(mode: str, payload, args) -> None:
+    """Run in a fresh process and print one JSON line (see main)."""
+    print(json.dumps(time_size(payload, args) if mode == "time" else measure_one(payload, args)))
 
 
 def torch_cuda() -> bool:
@@ -82,35 +111,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["llama_20m", "llama_60m"])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--optimizers", nargs="+", default=["adamw", "8bit-per-layer"], choices=list(OPTIMIZERS))
+    parser.add_argument("--optimizers", nargs="+", default=["adamw", "8bit-per-layer"], choices=["adamw", "8bit-per-layer"])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="also time each method under torch.compile (AdamW)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="also time each method under torch.compile (AdamW, first size)")
+    parser.add_argument("--unfused", action="store_true", help="also time AdamW's unfused loop (first size)")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     if args.child:
-        size, method, optimizer, compiled = json.loads(args.child)
-        print(json.dumps(one_run(size, method, optimizer, compiled, args)))
+        child(args.child[0], json.loads(args.child[1]), args)
         return
 
-    runs = [(s, m, o, False) for s in args.sizes for m in args.methods for o in args.optimizers]
-    if args.compile:  # compiling takes minutes per model on CPU: the smallest size shows the effect
-        runs += [(args.sizes[0], m, "adamw", True) for m in args.methods]
-    results = []
-    for run in runs:
-        child = json.dumps(run)
-        flags = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
-                 "--repeats", str(args.repeats)]
-        out = subprocess.run([sys.executable, __file__, "--child", child, *flags], capture_output=True, text=True)
+    flags = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
+             "--repeats", str(args.repeats)]
+
+    def in_child(mode: str, payload):
+        out = subprocess.run([sys.executable, __file__, "--child", mode, json.dumps(payload), *flags],
+                             capture_output=True, text=True)
         if out.returncode:
-            sys.exit(f"run {child} failed:\n{out.stderr[-3000:]}")
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        results.append(result)
-        print(f"{run[0]} {run[1]:9s} {run[2]:15s} compiled={run[3]!s:5s} {result['tokens_per_s']:8.0f} tok/s "
-              f"{result['peak_bytes'] / 2**20:8.1f} MiB (warm-up {result['warmup_seconds']:.1f} s)", flush=True)
+            sys.exit(f"{mode} {payload} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    results = []
+    for size in args.sizes:
+        runs = [(size, m, o, False) for m in args.methods for o in args.optimizers]
+        if size == args.sizes[0]:  # the extra rows for one size only: compiling takes minutes per model on CPU
+            runs += [(size, m, "adamw-unfused", False) for m in args.methods if args.unfused]
+            runs += [(size, m, "adamw", True) for m in args.methods if args.compile]
+        timed = in_child("time", runs)
+        for run, result in zip(runs, timed):
+            result.update(in_child("memory", run))
+            results.append(result)
+            print(f"{run[0]} {run[1]:9s} {run[2]:15s} compiled={run[3]!s:5s} {result['tokens_per_s']:8.0f} tok/s "
+                  f"{result['peak_bytes'] / 2**20:8.1f} MiB (warm-up {result['warmup_seconds']:.1f} s)", flush=True)
 
     def base(r):
         return next(b for b in results if (b["size"], b["method"], b["optimizer"], b["compiled"]) ==
@@ -119,8 +155,9 @@ def main() -> None:
     lines = [
         f"One training step (forward, backward, update) of a LLaMA of the papers' shapes (32000-token vocabulary), "
         f"batch {args.batch_size} x {args.seq_len} tokens, {'bf16 on CUDA' if torch_cuda() else 'fp32 on CPU'}, "
-        f"{results[0]['threads']} threads; median of {args.repeats} steps after {args.warmup} warm-up steps, each "
-        f"configuration in a fresh process. Peak memory measured with `lsparam.memory.measure` on one step. Ratios "
+        f"{results[0]['threads']} threads. Tokens/s: the median of {args.repeats} rounds after {args.warmup} warm-up steps, "
+        f"every configuration of a size timed in turn in each round (one process per size). Peak memory: each "
+        f"configuration alone in a fresh process, one step measured with `lsparam.memory.measure`. Ratios "
         f"are to full-rank AdamW (32-bit states) of the same size, in the same run.",
         "",
         "| size | method | optimizer | compiled | tokens/s | vs full-rank | peak (MiB) | vs full-rank |",
