@@ -235,6 +235,7 @@ def report(results: list[Result], args, grids: dict[str, list[float]]) -> str:
         f"{args.jobs} runs sharing the machine.",
         "",
     ]
+    lines += [f"Finished runs so far: {len(results)} (the study resumes where it stopped; `--report-only` re-reads them).", ""]
     full_linear = next((linear_parameters(r.summary) for r in results if r.run.method == "full" and r.summary), None)
     verdicts = []
     for tokens in budgets:
@@ -316,10 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="seeds of the final comparison (default: 2)")
     p.add_argument("--long-seeds", type=int, help="seeds at the long budget (default: --seeds)")
     p.add_argument("--max-extensions", type=int, default=2, help="grid extensions per method at its edges (default: 2)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step: more updates per token at these small budgets (default: 4)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--valid-tokens", type=int, default=65_536)
-    p.add_argument("--eval-every", type=int, default=100, help="validate every N steps (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=125, help="validate every N steps (default: %(default)s)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps, to resume (default: 100)")
     p.add_argument("--data-files", default=str(CORPUS / "train" / "*.txt"))
     p.add_argument("--valid-files", default=str(CORPUS / "valid" / "*.txt"))
