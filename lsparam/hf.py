@@ -169,7 +169,7 @@ def _optimizer_kwargs(args, optimizer_cls, per_layer, state_bits, clip_norm, kwa
         options["betas"] = (args.adam_beta1, args.adam_beta2)
     if "eps" in accepted:
         options["eps"] = args.adam_epsilon
-    if "fused" in accepted:  # as the Trainer's own optimizer: fused only for a *_fused optim
+    if "fused" in accepted and state_bits == 32:  # as the Trainer's own optimizer: fused for a *_fused optim
         options["fused"] = str(getattr(args.optim, "value", args.optim)).endswith("_fused")
     options.update(kwargs)  # explicit keywords win over TrainingArguments
     if "foreach" in kwargs and "fused" not in kwargs:
