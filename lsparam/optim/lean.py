@@ -70,8 +70,8 @@ class LeanOptimizer(torch.optim.Optimizer):
             every ``accumulation_steps`` micro-batches.
         optimizer_kwargs: passed to ``optimizer_cls``. Where the class takes ``fused`` (torch's Adam, AdamW,
             SGD, ...) and neither ``fused`` nor ``foreach`` is given, 32-bit states use ``fused=True``:
-            one kernel per update instead of a loop of elementwise ops (about 0.35 s of a 2 s
-            LLaMA-60M step on 2 CPU cores; see the step benchmark).
+            one kernel per update instead of a loop of elementwise ops (1.07–1.18x faster training
+            steps in the step benchmark, docs/benchmarks.md) and no step temporaries.
         clip_norm: gradient clipping. With ``per_layer=False`` the global norm over all parameters;
             with ``per_layer=True`` each parameter's own gradient norm (the global norm is never
             available when gradients are freed layer by layer).

@@ -91,17 +91,14 @@ class SparseSupport(nn.Module):
         crow, col = self._csr_arrays(flat_indices)
         self.crow_indices.copy_(crow)
         self.col_indices.copy_(col)
-        self._forget_derived()
-
-    def _forget_derived(self) -> None:
         self._transpose = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._forget_derived()
+        self._transpose = None
 
     def _apply(self, fn, *args, **kwargs):
-        self._forget_derived()
+        self._transpose = None
         return super()._apply(fn, *args, **kwargs)
 
     def row_indices(self) -> torch.Tensor:
