@@ -290,7 +290,7 @@ def target_verdict(rows: dict, full_ppl: float, full_linear: int) -> str:
     return text
 
 
-def plot(results: list[Result], args, grids, suffix: str = "") -> list[Path]:
+def plot(results: list[Result], args, grids) -> list[Path]:
     """One loss-curve figure per budget: each method's best rate, seed 0."""
     sys.path.insert(0, str(ROOT))
     from recipes.plot import plot_runs
@@ -302,7 +302,7 @@ def plot(results: list[Result], args, grids, suffix: str = "") -> list[Path]:
             continue
         dirs = [Path(args.out) / row["runs"][0].run.name for row in rows.values()]
         labels = [f"{m} lr {row['lr']:g}" for m, row in rows.items()]
-        target = Path(args.figures) / f"quality{suffix}_{tokens}tok.png"
+        target = Path(args.figures) / f"quality_{tokens}tok.png"
         paths.append(plot_runs(dirs, target, labels=labels, smooth=10,
                                title=f"{args.model}, {tokens:,} tokens of the corpus"))
     return paths
