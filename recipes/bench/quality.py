@@ -50,7 +50,7 @@ GRIDS = {
     "galore": [5e-3, 1e-2, 2e-2],
 }
 QUICK_GRIDS = {"full": [1e-3, 3e-3], "lost": [3e-3, 1e-2]}
-STRUCTURED = ("lowrank", "sltrain", "lost", "lost-silu")
+TRAIN_SHARDS = 8  # of about 1M tokens each: a run's shard order still depends on its seed
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def execute(run: Run, out: Path, args) -> Result:
     command = [
         sys.executable, str(PRETRAIN), "--model", args.model, "--method", run.method, "--lr", repr(run.lr),
         "--seed", str(run.seed), "--tokens", str(run.tokens), "--batch-size", str(args.batch_size),
-        "--seq-len", str(args.seq_len), "--data-files", args.data_files, "--valid-files", args.valid_files,
+        "--seq-len", str(args.seq_len), "--data-files", args.train_passages, "--valid-files", args.valid_passages,
         "--valid-tokens", str(args.valid_tokens), "--cache-dir", str(out / "cache"), "--out", str(run_dir),
         "--eval-every", str(args.eval_every), "--save-every", str(args.save_every), "--keep", "1",
         "--resume", "auto", "--threads", str(args.threads),
@@ -227,7 +227,9 @@ def report(results: list[Result], args, grids: dict[str, list[float]]) -> str:
         f"`{args.model}` shapes, batch {args.batch_size} x {args.seq_len} tokens, fp32 on CPU, every method "
         f"with recipes/pretrain.py's defaults except the learning rate (rank 1/4 of d, SLTrain δ 0.03, LOST ρ 0.05, "
         f"γ 0.5; cosine schedule with 10% warm-up, clipping at 1.0). Training data: `{args.data_files}`; "
-        f"perplexity on {args.valid_tokens:,} tokens of `{args.valid_files}`. The learning rate of each method is "
+        f"perplexity on {args.valid_tokens:,} tokens of `{args.valid_files}`; both cut into passages of about "
+        f"{args.passage_chars:,} characters (whole paragraphs) and shuffled with a fixed seed "
+        f"(recipes/bench/passages.py), so that every run, however short, samples every book. The learning rate of each method is "
         f"the best of its sweep at {short:,} tokens, seed 0; the final figures are the mean over seeds "
         f"(each seed's value in brackets). *Linear params* counts the weights of the q, k, v, o, gate, up, down "
         f"layers against full-rank's. Peak memory is the whole process's peak RSS (libraries included: the "
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=list(GRIDS), help="methods to compare (default: all)")
     p.add_argument("--model", default="llama_20m", help="a name in recipes/configs (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=500_000, help="short budget in tokens (default: %(default)s)")
-    p.add_argument("--long-factor", type=int, default=4, help="long budget = this x --tokens; 1 skips it (default: 4)")
+    p.add_argument("--long-factor", type=int, default=2, help="long budget = this x --tokens; 1 skips it (default: 2)")
     p.add_argument("--seeds", type=int, default=2, help="seeds of the final comparison (default: 2)")
     p.add_argument("--long-seeds", type=int, help="seeds at the long budget (default: --seeds)")
     p.add_argument("--max-extensions", type=int, default=2, help="grid extensions per method at its edges (default: 2)")
@@ -324,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps, to resume (default: 100)")
     p.add_argument("--data-files", default=str(CORPUS / "train" / "*.txt"))
     p.add_argument("--valid-files", default=str(CORPUS / "valid" / "*.txt"))
+    p.add_argument("--passage-chars", type=int, default=4000,
+                   help="train and validate on the files cut into shuffled passages of about this many characters "
+                        "(recipes/bench/passages.py; default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (default: %(default)s)")
     p.add_argument("--threads", type=int, help="threads per run (default: cores / --jobs)")
     p.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="run directories (default: runs/quality)")
@@ -354,6 +359,14 @@ def main(argv=None) -> list[Result]:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
     args.threads = args.threads or max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                            else os.cpu_count() or 1) // args.jobs)
+    if not args.report_only:
+        sys.path.insert(0, str(ROOT))
+        from recipes.bench.passages import write_passages
+
+        corpus = Path(args.out) / "corpus"
+        args.train_passages = write_passages(args.data_files, corpus / "train", shards=TRAIN_SHARDS,
+                                             passage_chars=args.passage_chars)
+        args.valid_passages = write_passages(args.valid_files, corpus / "valid", shards=1, passage_chars=args.passage_chars)
     results = collect(args, grids) if args.report_only else plan_and_run(args, grids)
     if not results:
         raise SystemExit(f"no finished runs in {args.out}")
