@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 from tqdm.auto import tqdm
 
-from lsparam.config import DEFAULT_CONFIG
+from lsparam.config import default_config
 from lsparam.methods import method_for
 from lsparam.methods.base import StructuredParametrization, check_specs_before_loading, remove_structured_weight
 from lsparam.targets import ALL_LINEAR, select_linear_layers
@@ -23,7 +23,8 @@ def parametrize(model: nn.Module, config=None, *, target_modules=ALL_LINEAR, exc
     Args:
         model: any ``nn.Module`` (or a single ``nn.Linear`` with ``target_modules=None``).
         config: ``SLTrainConfig``, ``LOSTConfig``, ``LowRankConfig`` or a registered config;
-            ``None`` means ``LOSTConfig()`` (rank 0.25 of each layer, 5% of channels, γ = 0.5).
+            ``None`` means ``LOSTConfig(activation="silu")`` (rank 0.25 of each layer, 5% of channels,
+            γ = 0.5): the quality study's winner; use ``LOSTConfig()`` where you need ``merge``.
         target_modules: ``"all-linear"`` (default; skips the output head and tied layers), a regex that
             must match a full module name, or a list of names matched exactly or as dotted suffixes.
         exclude_modules: same forms; matching modules are left dense.
@@ -42,7 +43,7 @@ def parametrize(model: nn.Module, config=None, *, target_modules=ALL_LINEAR, exc
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
-    config = DEFAULT_CONFIG() if config is None else config
+    config = default_config() if config is None else config
     method = method_for(config)
     layers = select_linear_layers(model, target_modules, exclude_modules)
 

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="docs/recipes.md explains every flag.")
     a = p.add_argument_group("model and method")
     a.add_argument("--model", default="llama_9m", help="a name in recipes/configs (llama_9m ... llama_7b) or a config JSON path")
-    a.add_argument("--method", choices=METHODS, default="lost", help="weight structure (default: %(default)s)")
+    a.add_argument("--method", choices=METHODS, default="lost-silu",
+                   help="weight structure (default: %(default)s, lsparam.parametrize's default: docs/methods.md#defaults)")
     a.add_argument("--rank", type=parse_rank, help="rank r (int) or fraction of min(in, out); default: paper per size, else hidden/4")
     a.add_argument("--density", type=float, help="SLTrain: fraction of entries in the sparse part (default 0.03; 0.05 at 7B)")
     a.add_argument("--alpha", type=float, help="SLTrain: low-rank scale alpha (product scaled by alpha/r; paper per size)")

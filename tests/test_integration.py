@@ -479,3 +479,18 @@ def test_linear_with_keyword_arguments_uses_the_factorised_forward():
     x = torch.randn(3, 16)
     expected = x @ layer.weight.dense().T + layer.bias
     torch.testing.assert_close(torch.nn.functional.linear(input=x, weight=layer.weight, bias=layer.bias), expected)
+
+
+def test_parametrize_without_a_config_is_lost_silu_at_the_studied_sizes(llama_factory):
+    """The default (docs/methods.md#defaults): each layer computes γ·SiLU(x Aᵀ) Bᵀ + (1 − γ)·x[..., I] W_sᵀ
+    with r = min(in, out) / 4, m = floor(0.05 · in) channels and γ = 0.5, checked by hand in float64."""
+    model = lsparam.parametrize(llama_factory(0))
+    for name in projection_layers(model):
+        layer = model.get_submodule(name)
+        B, A, sparse = (f.detach().double() for f in factors_of(layer))
+        channels = layer.parametrizations.weight[0].channels
+        assert A.shape[0] == min(layer.in_features, layer.out_features) // 4
+        assert channels.numel() == max(1, math.floor(0.05 * layer.in_features))
+        x = torch.randn(3, 5, layer.in_features, dtype=torch.float64)
+        expected = 0.5 * F.silu(x @ A.T) @ B.T + 0.5 * x[..., channels] @ sparse.T
+        torch.testing.assert_close(layer.double()(x), expected)
