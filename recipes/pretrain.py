@@ -221,7 +221,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             import galore_torch  # noqa: F401
         except ImportError:
             raise RecipeError("--method galore needs the galore-torch package: pip install galore-torch") from None
-    if args.export and args.method == "lost-silu":
+    exporting_a_checkpoint = args.export and args.steps == 0 and args.resume not in (None, "auto")
+    if args.export and args.method == "lost-silu" and not exporting_a_checkpoint:  # there, the checkpoint's method decides
         raise RecipeError("--export refused: --method lost-silu has no dense form (y = γ·SiLU(x Aᵀ) Bᵀ + ... is not "
                           "x Wᵀ for any W); use --method lost (linear LOST merges exactly) or drop --export")
     if args.device == "cuda" and not torch.cuda.is_available():
