@@ -35,9 +35,9 @@ def split_passages(text: str, passage_chars: int) -> list[str]:
 
     Paragraphs are joined until a passage reaches ``passage_chars``; a single paragraph longer than twice
     that is cut, at the last space before each ``passage_chars`` boundary, into passages of its own (verse
-    and tables can run for pages without a blank line). Books are not told apart: the corpus joins them with the same blank
-    lines it puts between chapters, so about one passage per book ends one book and begins the next,
-    as the original files' one-document-per-file reading does at every book.
+    and tables can run for pages without a blank line). Books are not told apart: the corpus joins them
+    with the same blank lines it puts between chapters, so about one passage per book ends one book and
+    begins the next, as the original files' one-document-per-file reading does at every book.
 
     >>> split_passages("aa\\n\\nbb\\n\\n\\ncc\\n\\ndd", 4)
     ['aa\\n\\nbb', 'cc\\n\\ndd']
