@@ -42,7 +42,7 @@ class _GatherSLTrainLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         hidden = x2 @ A.t()
         y = hidden @ (scale * B).t()
-        bag_sum(x2, support.col_indices, support.crow_indices[:-1], values, support.shape[0], out=y)
+        bag_sum(x2, support.crow_indices, support.col_indices, values, support.shape[0], out=y)
         ctx.support, ctx.scale = support, scale
         ctx.save_for_backward(x, B, A, values, hidden)
         return y.reshape(*x.shape[:-1], support.shape[0])
@@ -60,7 +60,7 @@ class _GatherSLTrainLinear(torch.autograd.Function):
             grad_A = grad_hidden.t() @ x2
         if ctx.needs_input_grad[0]:
             crow_t, col_t, perm = support.transposed()
-            grad_x = bag_sum(g2, col_t, crow_t[:-1], values.index_select(0, perm), support.shape[1], out=grad_hidden @ A)
+            grad_x = bag_sum(g2, crow_t, col_t, values.index_select(0, perm), support.shape[1], out=grad_hidden @ A)
             grad_x = grad_x.reshape(x.shape)
         if ctx.needs_input_grad[3]:
             grad_values = entry_dots(g2, x2, support)

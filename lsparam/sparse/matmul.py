@@ -3,10 +3,12 @@
 Each path saves only ``x`` and the values for backward (never a dense ``out×in`` matrix), and returns the
 gradient of the values directly in the support's row-major order.
 
-- ``gather``: ``torch.nn.functional.embedding_bag`` over features-major blocks of ``x`` (128 tokens): every
-  sparse entry adds one contiguous row of the block into its output row; ``dX`` the same on ``Sᵀ``; ``dV``
-  with embedding_bag's per-sample-weight gradient (one dot product per entry). The fastest path on CPU,
-  every dtype.
+- ``gather``: lsparam's native kernels (:mod:`lsparam.sparse.native`, fp32/fp64 on CPU) where a C++
+  compiler built them: one pass over the support per block of tokens, the block transposed once in
+  cache. Elsewhere ``torch.nn.functional.embedding_bag`` over features-major blocks of ``x`` (128
+  tokens): every sparse entry adds one contiguous row of the block into its output row; ``dX`` the same
+  on ``Sᵀ``; ``dV`` with embedding_bag's per-sample-weight gradient (one dot product per entry). The
+  fastest path on CPU, every dtype.
 - ``csr``: CSR spmm forward, CSR of ``Sᵀ`` for ``dX``, ``sampled_addmm`` for ``dV`` (CPU fp32/fp64, CUDA).
 - ``scatter``: scatter the values into a dense ``S`` transiently and use dense GEMMs (any device/dtype;
   the SLTrain reference's approach, dense FLOPs, fastest at high density).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lsparam.sparse import native
 from lsparam.sparse.support import SparseSupport
 
 # Above this density a dense GEMM on a scattered S beats the sparse paths (see docs/benchmarks.md).
@@ -37,15 +40,20 @@ GATHER_DV_BLOCK = 256  # dV: 256-token blocks measured fastest (128 to 2048 trie
 _bag_weight_backward = torch.ops.aten._embedding_bag_per_sample_weights_backward
 
 
-def bag_sum(table: torch.Tensor, indices, offsets, weights, bags: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``y[t, b] = Σ_k weights[k] · table[t, indices[k]]`` over the entries ``k`` of bag ``b``; y is (T, bags).
+def bag_sum(table: torch.Tensor, crow, col, weights, bags: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[t, b] = Σ_k weights[k] · table[t, col[k]]`` over the entries ``k`` of CSR row ``b``; y is (T, bags).
 
     With ``out`` (T, bags), ``y`` is added into it in place (no T×bags temporary) and ``out`` returned.
+    The native kernel where it is built (:mod:`lsparam.sparse.native`), else ``embedding_bag``.
     """
+    if native.available(table, weights, *(() if out is None else (out,))):
+        y = table.new_zeros(table.shape[0], bags) if out is None else out
+        native.spmm_add_(table, crow, col, weights, y)
+        return y
     y = table.new_empty(table.shape[0], bags) if out is None else out
     for start in range(0, table.shape[0], GATHER_TOKEN_BLOCK):
         block = table[start:start + GATHER_TOKEN_BLOCK].t().contiguous()  # features-major: rows are gathered
-        part = F.embedding_bag(indices, block, offsets, mode="sum", per_sample_weights=weights).t()
+        part = F.embedding_bag(col, block, crow[:-1], mode="sum", per_sample_weights=weights).t()
         if out is None:
             y[start:start + GATHER_TOKEN_BLOCK] = part
         else:
@@ -55,6 +63,8 @@ def bag_sum(table: torch.Tensor, indices, offsets, weights, bags: int, out: torc
 
 def entry_dots(grad: torch.Tensor, x: torch.Tensor, support: SparseSupport) -> torch.Tensor:
     """``dV[k] = Σ_t grad[t, row k] · x[t, col k]``, the gradient of the values, one block of tokens at a time."""
+    if native.available(grad, x):
+        return native.entry_dots(grad, x, support.crow_indices, support.col_indices)
     # each entry's row: rebuilt per call (a fast pass over the CSR) rather than kept, 4 bytes per entry
     offsets, rows = support.crow_indices[:-1], support.row_indices().to(support.col_indices.dtype)
     total = None
@@ -70,7 +80,7 @@ class _GatherMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, support: SparseSupport):
         x2 = _flatten(x)
-        y = bag_sum(x2, support.col_indices, support.crow_indices[:-1], values, support.shape[0])
+        y = bag_sum(x2, support.crow_indices, support.col_indices, values, support.shape[0])
         ctx.support = support
         ctx.save_for_backward(x, values)
         return y.reshape(*x.shape[:-1], support.shape[0])
@@ -83,7 +93,7 @@ class _GatherMatmul(torch.autograd.Function):
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
             crow_t, col_t, perm = support.transposed()
-            grad_x = bag_sum(g2, col_t, crow_t[:-1], values.index_select(0, perm), support.shape[1]).reshape(x.shape)
+            grad_x = bag_sum(g2, crow_t, col_t, values.index_select(0, perm), support.shape[1]).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             grad_values = entry_dots(g2, _flatten(x), support)
         return grad_x, grad_values, None

@@ -1,0 +1,161 @@
+"""Native CPU kernels for SLTrain's sparse products, compiled at first use (``native.cpp`` says why).
+
+The kernel source is built once per source version and CPU with the system's C++ compiler (``$CXX``, else
+``c++``) into ``$LSPARAM_CACHE`` (default ``~/.cache/lsparam``) and loaded with ctypes: a plain C ABI
+builds in under a second, where a PyTorch C++ extension would compile its headers for a minute. The two
+products are registered as PyTorch custom ops, so ``torch.compile`` traces through them.
+
+Without a compiler (a warning says so once) or with ``LSPARAM_NATIVE=0``, :func:`available` is False and
+the callers in :mod:`lsparam.sparse.matmul` use PyTorch's ``embedding_bag`` route instead: same results,
+slower (docs/benchmarks.md).
+
+Example:
+    >>> import torch
+    >>> from lsparam.sparse import native
+    >>> x = torch.tensor([[1., 2., 3.]])
+    >>> crow, col = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([1, 0, 2], dtype=torch.int32)
+    >>> out = torch.zeros(1, 2)
+    >>> if native.available(x):  # S = [[0, 10, 0], [1, 0, 1]]
+    ...     native.spmm_add_(x, crow, col, torch.tensor([10., 1., 1.]), out)
+    ... else:
+    ...     out += x @ torch.tensor([[0., 10., 0.], [1., 0., 1.]]).t()
+    >>> out.tolist()
+    [[20.0, 4.0]]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+class NativeBuildError(RuntimeError):
+    """The C++ compiler could not build ``native.cpp``."""
+
+
+def _cpu_fingerprint() -> str:
+    # -march=native code is only valid on CPUs with the same features: a shared home directory on a
+    # cluster of mixed nodes must not hand one node's library to another
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def build(cache_dir: Path, cxx: str) -> Path:
+    """Compile ``native.cpp`` into ``cache_dir`` (once per source, flags, compiler and CPU); its path.
+
+    The library is written under a temporary name and renamed into place, so processes building at
+    the same time never load a half-written file.
+    """
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cxx, _cpu_fingerprint()]).encode()).hexdigest()[:16]
+    target = cache_dir / f"lsparam-native-{key}.so"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+    except OSError as error:  # no such compiler
+        os.unlink(tmp)
+        raise NativeBuildError(f"cannot run the C++ compiler {cxx!r}: {error}") from error
+    if result.returncode != 0:
+        os.unlink(tmp)
+        raise NativeBuildError(f"{cxx} {' '.join(FLAGS)} failed:\n{result.stderr.strip()[-2000:]}")
+    os.replace(tmp, target)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they are switched off or cannot be built (warned once)."""
+    if os.environ.get("LSPARAM_NATIVE", "1") == "0":
+        return None
+    cache_dir = Path(os.environ.get("LSPARAM_CACHE", Path.home() / ".cache" / "lsparam"))
+    try:
+        lib = ctypes.CDLL(str(build(cache_dir, os.environ.get("CXX", "c++"))))
+    except (NativeBuildError, OSError) as error:
+        warnings.warn(
+            f"lsparam: the native sparse kernels are not available ({error}); SLTrain's CPU path falls back "
+            "to torch.embedding_bag, which is slower. Install a C++ compiler with OpenMP (g++), or set "
+            "LSPARAM_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    i64, i32p, vp = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
+    for suffix in DTYPES.values():
+        getattr(lib, f"lsparam_spmm_add_{suffix}").argtypes = [vp, i64, i64, i64, i32p, i32p, vp, i64, vp, i64, ctypes.c_int]
+        getattr(lib, f"lsparam_entry_dots_{suffix}").argtypes = [vp, i64, vp, i64, i64, i64, i32p, i32p, i64, vp, ctypes.c_int]
+    return lib
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """True when the kernels are built and every tensor is a CPU float32/float64 tensor of one dtype."""
+    dtype = tensors[0].dtype
+    return (
+        dtype in DTYPES
+        and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+        and library() is not None
+    )
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_support(crow: torch.Tensor, col: torch.Tensor) -> None:
+    if crow.dtype != torch.int32 or col.dtype != torch.int32 or not (crow.is_contiguous() and col.is_contiguous()):
+        raise ValueError(f"the support must be contiguous int32 arrays; got crow {crow.dtype}, col {col.dtype}")
+
+
+@torch.library.custom_op("lsparam::spmm_add_", mutates_args=("out",), device_types="cpu")
+def spmm_add_(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += x Sᵀ`` in place, for ``x`` (tokens × in) and ``S`` (rows × in) in CSR form with ``values``."""
+    _check_support(crow, col)
+    x, values = _rows_contiguous(x), values.contiguous()
+    target = out if out.stride(-1) == 1 else torch.zeros_like(out, memory_format=torch.contiguous_format)
+    getattr(library(), f"lsparam_spmm_add_{DTYPES[x.dtype]}")(
+        x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], crow.data_ptr(), col.data_ptr(), values.data_ptr(),
+        out.shape[1], target.data_ptr(), target.stride(0), torch.get_num_threads(),
+    )
+    if target is not out:
+        out.add_(target)
+
+
+@spmm_add_.register_fake
+def _(x, crow, col, values, out) -> None:
+    return None
+
+
+@torch.library.custom_op("lsparam::entry_dots", mutates_args=(), device_types="cpu")
+def entry_dots(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``out[k] = Σ_t grad[t, row k] · x[t, col k]`` for each entry ``k`` of the CSR support (row-major)."""
+    _check_support(crow, col)
+    grad, x = _rows_contiguous(grad), _rows_contiguous(x)
+    out = x.new_empty(col.numel())
+    getattr(library(), f"lsparam_entry_dots_{DTYPES[x.dtype]}")(
+        grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], crow.data_ptr(),
+        col.data_ptr(), crow.numel() - 1, out.data_ptr(), torch.get_num_threads(),
+    )
+    return out
+
+
+@entry_dots.register_fake
+def _(grad, x, crow, col):
+    return x.new_empty(col.numel())

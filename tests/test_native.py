@@ -1,0 +1,129 @@
+"""The native sparse kernels (lsparam/sparse/native.cpp) against dense float64 math, and their fallback."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lsparam import SLTrainConfig, parametrize
+from lsparam.sparse import SparseSupport, native
+from lsparam.sparse.support import uniform_flat_indices
+
+needs_native = pytest.mark.skipif(
+    not native.available(torch.zeros(1)), reason="the native kernels could not be built (no C++ compiler?)"
+)
+TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-4)}
+
+
+@st.composite
+def kernel_problems(draw):
+    """A support over more than one column tile (512 columns forward, 128 for dV), token counts across the
+    kernels' blocks (16 and 64 tokens), activations whose rows are longer than their width."""
+    rows, features = draw(st.integers(1, 60)), draw(st.integers(1, 1100))
+    tokens = draw(st.integers(0, 140))
+    nnz = max(1, int(draw(st.floats(0.0005, 0.3)) * rows * features))
+    seed = draw(st.integers(0, 2**31))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    pad = draw(st.integers(0, 3))
+    generator = torch.Generator().manual_seed(seed)
+    support = SparseSupport(uniform_flat_indices(rows * features, nnz, seed), (rows, features), persistent=False)
+    values = torch.randn(nnz, dtype=torch.float64, generator=generator)
+    x = torch.randn(tokens, features + pad, dtype=torch.float64, generator=generator)[:, :features]
+    grad = torch.randn(tokens, rows, dtype=torch.float64, generator=generator)
+    return support, values, x, grad, dtype
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(problem=kernel_problems(), transposed_out=st.booleans())
+def test_spmm_add_adds_x_times_s_transposed(problem, transposed_out):
+    support, values, x, _, dtype = problem
+    start = torch.randn(x.shape[0], support.shape[0], dtype=torch.float64)
+    out = start.to(dtype, copy=True)
+    if transposed_out:  # rows not contiguous: the op works on a copy and adds it back
+        out = out.t().contiguous().t()
+    native.spmm_add_(x.to(dtype), support.crow_indices, support.col_indices, values.to(dtype), out)
+    expected = start + x @ support.to_dense(values).t()
+    torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(problem=kernel_problems())
+def test_entry_dots_are_the_sampled_entries_of_grad_t_x(problem):
+    support, _, x, grad, dtype = problem
+    dots = native.entry_dots(grad.to(dtype), x.to(dtype), support.crow_indices, support.col_indices)
+    expected = (grad.t() @ x).reshape(-1)[support.flat_indices()]
+    torch.testing.assert_close(dots.double(), expected, **TOLERANCE[dtype])
+
+
+@needs_native
+def test_custom_ops_pass_opcheck():
+    """Schemas, fake (shape-only) implementations and in-place mutation as declared: what compile relies on."""
+    support = SparseSupport(uniform_flat_indices(40 * 30, 90, 0), (40, 30), persistent=False)
+    x, grad, values = torch.randn(20, 30), torch.randn(20, 40), torch.randn(90)
+    torch.library.opcheck(native.spmm_add_, (x, support.crow_indices, support.col_indices, values, torch.zeros(20, 40)))
+    torch.library.opcheck(native.entry_dots, (grad, x, support.crow_indices, support.col_indices))
+
+
+def _sltrain_forward_backward(dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200))
+    parametrize(model, SLTrainConfig(rank=8, density=0.05, sparse_backend="gather"))
+    model.to(dtype)
+    x = torch.randn(2, 70, 300, dtype=dtype, requires_grad=True)
+    model(x).square().sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return x.grad, grads
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sltrain_gather_path_agrees_with_and_without_the_kernels(monkeypatch, dtype):
+    grad_x, grads = _sltrain_forward_backward(dtype)
+    monkeypatch.setattr(native, "available", lambda *tensors: False)  # the embedding_bag route
+    grad_x_bag, grads_bag = _sltrain_forward_backward(dtype)
+    torch.testing.assert_close(grad_x, grad_x_bag, **TOLERANCE[dtype])
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_bag[name], **TOLERANCE[dtype])
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """library() rebuilt under this test's environment, and forgotten again after it."""
+    monkeypatch.setenv("LSPARAM_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()
+
+
+def test_a_missing_compiler_warns_once_and_falls_back(monkeypatch, fresh_library):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.warns(RuntimeWarning, match="native sparse kernels are not available.*/nonexistent/c"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.available(torch.zeros(1))
+
+
+def test_lsparam_native_0_switches_the_kernels_off_silently(monkeypatch, fresh_library):
+    monkeypatch.setenv("LSPARAM_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is None
+
+
+def test_a_failed_build_names_the_compiler_and_leaves_no_file(tmp_path):
+    with pytest.raises(native.NativeBuildError, match="cannot run the C\\+\\+ compiler '/nonexistent/c\\+\\+'"):
+        native.build(tmp_path, "/nonexistent/c++")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_native
+def test_build_is_cached_by_source_and_compiler(tmp_path):
+    first = native.build(tmp_path, "c++")
+    stamp = first.stat().st_mtime_ns
+    assert native.build(tmp_path, "c++") == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
