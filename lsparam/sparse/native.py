@@ -5,7 +5,7 @@ The kernel source is built once per source version and CPU with the system's C++
 builds in under a second, where a PyTorch C++ extension would compile its headers for a minute. The two
 products are registered as PyTorch custom ops, so ``torch.compile`` traces through them.
 
-Without a compiler (a warning says so once) or with ``LSPARAM_NATIVE=0``, :func:`available` is False and
+Without a compiler (a warning says so once), with ``LSPARAM_NATIVE=0`` or within :func:`disabled`, :func:`available` is False and
 the callers in :mod:`lsparam.sparse.matmul` use PyTorch's ``embedding_bag`` route instead: same results,
 slower (docs/benchmarks.md).
 
@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -105,11 +106,32 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+_disabled = False
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, the callers take the embedding_bag route (for comparisons and debugging).
+
+    Example:
+        >>> with disabled():
+        ...     available(torch.zeros(1))
+        False
+    """
+    global _disabled
+    before, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = before
+
+
 def available(*tensors: torch.Tensor) -> bool:
     """True when the kernels are built and every tensor is a CPU float32/float64 tensor of one dtype."""
     dtype = tensors[0].dtype
     return (
-        dtype in DTYPES
+        not _disabled
+        and dtype in DTYPES
         and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
         and library() is not None
     )

@@ -12,6 +12,7 @@ in the same rounds, next to its floor (the method's multiply-adds over dense mul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -20,7 +21,9 @@ from torch import nn
 
 import lsparam
 from lsparam.methods.sltrain import sltrain_nnz
+from lsparam.sparse import native
 
+WITHOUT_NATIVE = "lsparam SLTrain (gather, embedding_bag)"  # timed with lsparam.sparse.native.disabled()
 SHAPES = ["768x768", "1024x2736", "2736x1024", "2048x2048", "2048x5461"]  # out x in
 
 
@@ -60,6 +63,9 @@ def variants(out_features: int, in_features: int, device, dtype):
     for backend in backends:
         config = lsparam.SLTrainConfig(rank=rank, density=0.03, sparse_backend=backend)
         out[f"lsparam SLTrain ({backend})"] = (make(config), rank * (in_features + out_features) + nnz)
+    if native.available(torch.zeros(1, device=device, dtype=dtype)):  # what the native kernels change
+        config = lsparam.SLTrainConfig(rank=rank, density=0.03, sparse_backend="gather")
+        out[WITHOUT_NATIVE] = (make(config), rank * (in_features + out_features) + nnz)
     lost_macs = rank * (in_features + out_features) + channels * out_features
     out["lsparam LOST"] = (make(lsparam.LOSTConfig(rank=rank, channel_ratio=0.05)), lost_macs)
     out["lsparam LOST-SiLU"] = (make(lsparam.LOSTConfig(rank=rank, channel_ratio=0.05, activation="silu")), lost_macs)
@@ -72,7 +78,8 @@ def time_fwd_bwd(layers: dict, x, repeats: int, warmup: int = 2) -> dict:
     def run(layer):
         layer.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        layer(x).sum().backward()
+        with native.disabled() if layer is layers.get(WITHOUT_NATIVE) else contextlib.nullcontext():
+            layer(x).sum().backward()
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -112,7 +119,9 @@ def main() -> None:
     lines = [
         f"Forward + backward of one layer, {args.tokens} tokens, {str(dtype).removeprefix('torch.')} on {device.type}, "
         f"rank = 1/4 of the smaller side, SLTrain δ = 0.03, LOST ρ = 0.05; median of {args.repeats} rounds after "
-        f"warm-up, the layers timed in turn in each round. *Floor*: the method's multiply-adds over dense multiply-adds.",
+        f"warm-up, the layers timed in turn in each round. *Floor*: the method's multiply-adds over dense multiply-adds. "
+        f"SLTrain *(gather)* runs lsparam's native kernels (`lsparam.sparse.native`); *(gather, embedding_bag)* is the "
+        f"same path with them switched off (`native.disabled()`), PyTorch's embedding_bag route.",
         "",
         "| shape (out×in) | layer | ms | time / dense | floor |",
         "|---|---|---|---|---|",
