@@ -19,9 +19,10 @@ TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rt
 
 @st.composite
 def kernel_problems(draw):
-    """A support over more than one column tile (512 columns forward, 128 for dV), token counts across the
-    kernels' blocks (16 and 64 tokens), activations whose rows are longer than their width."""
-    rows, features = draw(st.integers(1, 60)), draw(st.integers(1, 1100))
+    """Supports over more than one column tile (512 columns forward, 128 for dV) and row block (128 rows),
+    token counts across the kernels' blocks (16 and 64 float32 tokens, half as many float64), activations
+    whose rows are longer than their width."""
+    rows, features = draw(st.integers(1, 300)), draw(st.integers(1, 1100))
     tokens = draw(st.integers(0, 140))
     nnz = max(1, int(draw(st.floats(0.0005, 0.3)) * rows * features))
     seed = draw(st.integers(0, 2**31))

@@ -46,7 +46,7 @@ def bag_sum(table: torch.Tensor, crow, col, weights, bags: int, out: torch.Tenso
     With ``out`` (T, bags), ``y`` is added into it in place (no T×bags temporary) and ``out`` returned.
     The native kernel where it is built (:mod:`lsparam.sparse.native`), else ``embedding_bag``.
     """
-    if native.available(table, weights, *(() if out is None else (out,))):
+    if native.available(*((table, weights) if out is None else (table, weights, out))):
         y = table.new_zeros(table.shape[0], bags) if out is None else out
         native.spmm_add_(table, crow, col, weights, y)
         return y
