@@ -5,9 +5,9 @@ The kernel source is built once per source version and CPU with the system's C++
 builds in under a second, where a PyTorch C++ extension would compile its headers for a minute. The two
 products are registered as PyTorch custom ops, so ``torch.compile`` traces through them.
 
-Without a compiler (a warning says so once), with ``LSPARAM_NATIVE=0`` or within :func:`disabled`, :func:`available` is False and
-the callers in :mod:`lsparam.sparse.matmul` use PyTorch's ``embedding_bag`` route instead: same results,
-slower (docs/benchmarks.md).
+Without a compiler (a warning says so once), with ``LSPARAM_NATIVE=0`` or within :func:`disabled`,
+:func:`available` is False and the callers in :mod:`lsparam.sparse.matmul` use PyTorch's
+``embedding_bag`` route instead: same results, slower (docs/benchmarks.md).
 
 Example:
     >>> import torch
