@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--update-proj-gap", type=int, help="GaLore: steps between projection updates (default 200)")
     a = p.add_argument_group("optimizer")
     a.add_argument("--lr", type=float, help="peak learning rate (default: full 1e-3, galore 1e-2, others 3e-3)")
+    a.add_argument("--linear-lr-scale", type=float, default=1.0,
+                   help="learning rate of the decoder layers' linear weights (dense or lsparam factors) as a multiple "
+                        "of --lr; embeddings, head and norms keep --lr (default: %(default)s)")
     a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0, as the papers)")
     a.add_argument("--state-bits", type=int, choices=(32, 8, 4), default=32, help="optimizer state bits (torchao for 8/4)")
     a.add_argument("--per-layer", action="store_true", help="update each parameter inside backward (single process only)")
@@ -196,6 +199,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise RecipeError(f"--lr must be a positive number; got {args.lr}")
+    if not (args.linear_lr_scale > 0 and math.isfinite(args.linear_lr_scale)):
+        raise RecipeError(f"--linear-lr-scale must be a positive number; got {args.linear_lr_scale}")
     if not 0 <= args.warmup < 1:
         raise RecipeError(f"--warmup is a fraction of the steps in [0, 1); got {args.warmup}")
     if not 0 <= args.min_lr_ratio <= 1:
@@ -308,9 +313,25 @@ def build_optimizer(args, model, settings):
         groups = [{"params": [p for p in decay if id(p) in projected], "weight_decay": args.weight_decay, **settings},
                   {"params": [p for p in decay if id(p) not in projected], "weight_decay": args.weight_decay}] + groups[1:]
         optimizer_cls = GaLoreAdamW
+    if args.linear_lr_scale != 1:
+        groups = scale_linear_lr(groups, model, args.lr * args.linear_lr_scale)
     return LeanOptimizer(groups, optimizer_cls, lr=args.lr, weight_decay=args.weight_decay, per_layer=args.per_layer,
                          state_bits=args.state_bits, accumulation_steps=args.accumulation_steps,
                          clip_norm=args.clip_norm or None)
+
+
+def scale_linear_lr(groups: list[dict], model, lr: float) -> list[dict]:
+    """Each group split in two: the parameters of the decoder layers' ``nn.Linear`` modules (their dense
+    weights, or their lsparam factors) at ``lr``, the rest (embeddings, head, norms) as they were."""
+    linear = {id(p) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name
+              for p in m.parameters()}
+    split = []
+    for group in groups:
+        inside = [p for p in group["params"] if id(p) in linear]
+        outside = [p for p in group["params"] if id(p) not in linear]
+        split += [{**group, "params": inside, "lr": lr}] if inside else []
+        split += [{**group, "params": outside}] if outside else []
+    return split
 
 
 def lr_lambda(args, total_steps: int):

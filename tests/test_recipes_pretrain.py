@@ -206,6 +206,7 @@ def test_c4_fails_fast_offline(corpus, tmp_path):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--seq-len", "1"], "--seq-len must be >= 2"),
     (["--lr", "-1"], "--lr must be a positive number"),
+    (["--linear-lr-scale", "0"], "--linear-lr-scale must be a positive number; got 0.0"),
     (["--warmup", "1.5"], "--warmup"),
     (["--method", "lost", "--density", "0.1"], "--density applies to --method sltrain"),
     (["--method", "sltrain", "--density", "2"], "density must lie in (0, 1]"),
@@ -223,6 +224,37 @@ def test_bad_flags_give_clear_errors(flags, message, capsys, tmp_path):
         pretrain.main(flags + ["--out", str(tmp_path / "bad"), "--cache-dir", str(tmp_path / "cache")])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["full", "sltrain"])
+def test_linear_lr_scale_sets_the_decoder_linears_rate(method):
+    """Adam's first step moves every weight by its group's rate times g/(|g| + eps): the largest move in
+    each tensor is its rate, here 0.01 x the schedule's 0.5, times 0.25 inside the decoder's linears."""
+    import argparse
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": 50}))
+    settings = None
+    if method == "sltrain":
+        import lsparam
+
+        settings = lsparam.SLTrainConfig(rank=8, density=0.1)
+        lsparam.parametrize(model, settings)
+    args = argparse.Namespace(method=method, lr=0.01, linear_lr_scale=0.25, weight_decay=0.0, per_layer=False,
+                              state_bits=32, accumulation_steps=1, clip_norm=0)
+    optimizer = pretrain.build_optimizer(args, model, settings)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.randint(0, 50, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        moves = p.grad is not None and bool(p.grad.any())  # SLTrain's A has no gradient while B = 0
+        expected = 0.005 * (0.25 if ".layers." in name and "_proj" in name else 1.0) * moves
+        largest = (p.detach() - before[name]).abs().max().item()
+        assert largest == pytest.approx(expected, rel=1e-3), name
 
 
 def test_galore_without_the_package_says_how_to_install(monkeypatch, capsys, tmp_path):
