@@ -126,6 +126,12 @@ def disabled():
         _disabled = before
 
 
+@torch.compiler.assume_constant_result  # compile: a constant, not a trace into the cached build
+def built() -> bool:
+    """Whether the kernels are loaded (building them on the first call)."""
+    return library() is not None
+
+
 def available(*tensors: torch.Tensor) -> bool:
     """True when the kernels are built and every tensor is a CPU float32/float64 tensor of one dtype."""
     dtype = tensors[0].dtype
@@ -133,7 +139,7 @@ def available(*tensors: torch.Tensor) -> bool:
         not _disabled
         and dtype in DTYPES
         and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-        and library() is not None
+        and built()
     )
 
 
