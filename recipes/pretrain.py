@@ -308,7 +308,7 @@ def build_optimizer(args, model, settings):
         from galore_torch import GaLoreAdamW
 
         warnings.filterwarnings("ignore", message="This implementation of AdamW is deprecated")
-        projected = {id(m.weight) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+        projected = {id(m.weight) for m in decoder_linears(model)}
         decay = groups[0]["params"]
         groups = [{"params": [p for p in decay if id(p) in projected], "weight_decay": args.weight_decay, **settings},
                   {"params": [p for p in decay if id(p) not in projected], "weight_decay": args.weight_decay}] + groups[1:]
@@ -320,11 +320,15 @@ def build_optimizer(args, model, settings):
                          clip_norm=args.clip_norm or None)
 
 
+def decoder_linears(model) -> list[torch.nn.Linear]:
+    """The ``nn.Linear`` modules of the decoder layers (attention and MLP projections, not the head)."""
+    return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+
+
 def scale_linear_lr(groups: list[dict], model, lr: float) -> list[dict]:
     """Each group split in two: the parameters of the decoder layers' ``nn.Linear`` modules (their dense
     weights, or their lsparam factors) at ``lr``, the rest (embeddings, head, norms) as they were."""
-    linear = {id(p) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name
-              for p in m.parameters()}
+    linear = {id(p) for m in decoder_linears(model) for p in m.parameters()}
     split = []
     for group in groups:
         inside = [p for p in group["params"] if id(p) in linear]
