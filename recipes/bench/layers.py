@@ -72,14 +72,15 @@ def variants(out_features: int, in_features: int, device, dtype):
     return out
 
 
-def time_fwd_bwd(layers: dict, x, repeats: int, warmup: int = 2) -> dict:
+def time_fwd_bwd(layers: dict, x, grad, repeats: int, warmup: int = 2) -> dict:
     """Median seconds of forward + backward per layer, the layers timed in turn within each round, so
-    a slow spell on a shared machine lands on every layer alike rather than on one."""
+    a slow spell on a shared machine lands on every layer alike rather than on one. The backward starts
+    from ``grad``, a dense output gradient as in training (``y.sum()``'s would be a stride-0 view)."""
     def run(layer):
         layer.zero_grad(set_to_none=True)
         start = time.perf_counter()
         with native.disabled() if layer is layers.get(WITHOUT_NATIVE) else contextlib.nullcontext():
-            layer(x).sum().backward()
+            layer(x).backward(grad)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -108,8 +109,9 @@ def main() -> None:
     for shape in args.shapes:
         out_features, in_features = (int(s) for s in shape.split("x"))
         x = torch.randn(args.tokens, in_features, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(args.tokens, out_features, device=device, dtype=dtype)
         layers = variants(out_features, in_features, device, dtype)
-        seconds = time_fwd_bwd({name: layer for name, (layer, _) in layers.items()}, x, args.repeats)
+        seconds = time_fwd_bwd({name: layer for name, (layer, _) in layers.items()}, x, grad, args.repeats)
         dense_macs = layers["dense"][1]
         for name, (_, macs) in layers.items():
             rows.append((shape, name, seconds[name] * 1e3, seconds[name] / seconds["dense"], macs / dense_macs))
@@ -117,7 +119,8 @@ def main() -> None:
                   f"(floor {macs / dense_macs:.2f})", flush=True)
 
     lines = [
-        f"Forward + backward of one layer, {args.tokens} tokens, {str(dtype).removeprefix('torch.')} on {device.type}, "
+        f"Forward + backward (from a random output gradient, input gradient included) of one layer, {args.tokens} "
+        f"tokens, {str(dtype).removeprefix('torch.')} on {device.type}, "
         f"rank = 1/4 of the smaller side, SLTrain δ = 0.03, LOST ρ = 0.05; median of {args.repeats} rounds after "
         f"warm-up, the layers timed in turn in each round. *Floor*: the method's multiply-adds over dense multiply-adds. "
         f"SLTrain *(gather)* runs lsparam's native kernels (`lsparam.sparse.native`); *(gather, embedding_bag)* is the "
