@@ -65,8 +65,8 @@ def test_custom_ops_pass_opcheck():
     """Schemas, fake (shape-only) implementations and in-place mutation as declared: what compile relies on."""
     support = SparseSupport(uniform_flat_indices(40 * 30, 90, 0), (40, 30), persistent=False)
     x, grad, values = torch.randn(20, 30), torch.randn(20, 40), torch.randn(90)
-    torch.library.opcheck(native.spmm_add_, (x, support.crow_indices, support.col_indices, values, torch.zeros(20, 40)))
-    torch.library.opcheck(native.entry_dots, (grad, x, support.crow_indices, support.col_indices))
+    torch.library.opcheck(native.spmm_add_op, (x, support.crow_indices, support.col_indices, values, torch.zeros(20, 40)))
+    torch.library.opcheck(native.entry_dots_op, (grad, x, support.crow_indices, support.col_indices))
 
 
 def _sltrain_forward_backward(dtype):

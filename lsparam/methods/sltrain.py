@@ -29,19 +29,24 @@ def sltrain_nnz(density: float, out_features: int, in_features: int) -> int:
     return int(math.floor(density * (out_features * in_features)))  # one rounding, whatever the shape
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · (a @ b)`` with the scale applied inside the GEMM (BLAS's alpha), not as an extra pass."""
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=scale)
+
+
 class _GatherSLTrainLinear(torch.autograd.Function):
     """``y = (x Aᵀ)(s·B)ᵀ + x Sᵀ`` on the gather path, as one autograd function.
 
     The sparse path adds into the low-rank output in the forward, and into the low-rank input gradient
-    in the backward, in place: no token×features temporaries and no extra add passes. ``s·B`` is not
-    saved (autograd would keep that copy per layer); only ``x`` and ``x Aᵀ`` are.
+    in the backward, in place: no token×features temporaries and no extra add passes. The scale ``s``
+    rides in the GEMMs' alpha: no ``s·B`` copy is made or saved; only ``x`` and ``x Aᵀ`` are saved.
     """
 
     @staticmethod
     def forward(ctx, x, B, A, values, support: SparseSupport, scale: float):
         x2 = x.reshape(-1, x.shape[-1])
         hidden = x2 @ A.t()
-        y = hidden @ (scale * B).t()
+        y = _scaled_mm(hidden, B.t(), scale)
         bag_sum(x2, support.crow_indices, support.col_indices, values, support.shape[0], out=y)
         ctx.support, ctx.scale = support, scale
         ctx.save_for_backward(x, B, A, values, hidden)
@@ -53,9 +58,9 @@ class _GatherSLTrainLinear(torch.autograd.Function):
         support, scale = ctx.support, ctx.scale
         g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_x = grad_B = grad_A = grad_values = None
-        grad_hidden = g2 @ (scale * B)
+        grad_hidden = _scaled_mm(g2, B, scale)
         if ctx.needs_input_grad[1]:
-            grad_B = scale * (g2.t() @ hidden)
+            grad_B = _scaled_mm(g2.t(), hidden, scale)
         if ctx.needs_input_grad[2]:
             grad_A = grad_hidden.t() @ x2
         if ctx.needs_input_grad[0]:

@@ -152,9 +152,7 @@ def _check_support(crow: torch.Tensor, col: torch.Tensor) -> None:
         raise ValueError(f"the support must be contiguous int32 arrays; got crow {crow.dtype}, col {col.dtype}")
 
 
-@torch.library.custom_op("lsparam::spmm_add_", mutates_args=("out",), device_types="cpu")
-def spmm_add_(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
-    """``out += x Sᵀ`` in place, for ``x`` (tokens × in) and ``S`` (rows × in) in CSR form with ``values``."""
+def _spmm_add(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     _check_support(crow, col)
     x, values = _rows_contiguous(x), values.contiguous()
     target = out if out.stride(-1) == 1 else torch.zeros_like(out, memory_format=torch.contiguous_format)
@@ -166,14 +164,7 @@ def spmm_add_(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: to
         out.add_(target)
 
 
-@spmm_add_.register_fake
-def _(x, crow, col, values, out) -> None:
-    return None
-
-
-@torch.library.custom_op("lsparam::entry_dots", mutates_args=(), device_types="cpu")
-def entry_dots(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """``out[k] = Σ_t grad[t, row k] · x[t, col k]`` for each entry ``k`` of the CSR support (row-major)."""
+def _entry_dots(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     _check_support(crow, col)
     grad, x = _rows_contiguous(grad), _rows_contiguous(x)
     out = x.new_empty(col.numel())
@@ -184,6 +175,27 @@ def entry_dots(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: tor
     return out
 
 
-@entry_dots.register_fake
+# Registered as custom ops so that torch.compile traces them. Eager calls skip the dispatcher, whose
+# wrapper costs 0.06-0.17 ms per call (measured): at LLaMA-60M, three calls per layer and step.
+spmm_add_op = torch.library.custom_op("lsparam::spmm_add_", _spmm_add, mutates_args=("out",), device_types="cpu")
+entry_dots_op = torch.library.custom_op("lsparam::entry_dots", _entry_dots, mutates_args=(), device_types="cpu")
+
+
+@spmm_add_op.register_fake
+def _(x, crow, col, values, out) -> None:
+    return None
+
+
+@entry_dots_op.register_fake
 def _(grad, x, crow, col):
     return x.new_empty(col.numel())
+
+
+def spmm_add_(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += x Sᵀ`` in place, for ``x`` (tokens × in) and ``S`` (rows × in) in CSR form with ``values``."""
+    (spmm_add_op if torch.compiler.is_compiling() else _spmm_add)(x, crow, col, values, out)
+
+
+def entry_dots(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``out[k] = Σ_t grad[t, row k] · x[t, col k]`` for each entry ``k`` of the CSR support (row-major)."""
+    return (entry_dots_op if torch.compiler.is_compiling() else _entry_dots)(grad, x, crow, col)
