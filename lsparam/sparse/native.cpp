@@ -60,7 +60,7 @@ struct Transposer {
   static constexpr bool in_registers = true;
   typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type Index;
   typedef Index Mask __attribute__((vector_size(64)));
-  Mask low[8], high[8];  // round s swaps off-diagonal blocks of b = L >> (s + 1) lanes
+  Mask low[4], high[4];  // round s (log2(L) <= 4 rounds) swaps off-diagonal blocks of b = L >> (s + 1) lanes
   Transposer() {
     for (int64_t s = 0, b = L / 2; b >= 1; ++s, b /= 2)
       for (int64_t lane = 0; lane < L; ++lane) {

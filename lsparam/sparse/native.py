@@ -3,7 +3,8 @@
 The kernel source is built once per source version and CPU with the system's C++ compiler (``$CXX``, else
 ``c++``) into ``$LSPARAM_CACHE`` (default ``~/.cache/lsparam``) and loaded with ctypes: a plain C ABI
 builds in under a second, where a PyTorch C++ extension would compile its headers for a minute. The two
-products are registered as PyTorch custom ops, so ``torch.compile`` traces through them.
+products are registered as PyTorch custom ops, so ``torch.compile`` traces through them; eager calls go
+straight to the library.
 
 Without a compiler (a warning says so once), with ``LSPARAM_NATIVE=0`` or within :func:`disabled`,
 :func:`available` is False and the callers in :mod:`lsparam.sparse.matmul` use PyTorch's
