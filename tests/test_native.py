@@ -1,5 +1,6 @@
 """The native sparse kernels (lsparam/sparse/native.cpp) against dense float64 math, and their fallback."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -19,11 +20,11 @@ TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rt
 
 @st.composite
 def kernel_problems(draw):
-    """Supports over more than one column tile (512 columns forward, 128 for dV) and row block (128 rows),
-    token counts across the kernels' blocks (16 and 64 float32 tokens, half as many float64), activations
-    whose rows are longer than their width."""
+    """Supports over more than one row block (128 rows) and partial 16×16 transpose tiles, token counts
+    across the kernels' blocks (16 float32 tokens forward, 16 to 128 for dV by thread count; half as
+    many float64) on 1 to 3 threads, activations whose rows are longer than their width."""
     rows, features = draw(st.integers(1, 300)), draw(st.integers(1, 1100))
-    tokens = draw(st.integers(0, 140))
+    tokens = draw(st.integers(0, 300))
     nnz = max(1, int(draw(st.floats(0.0005, 0.3)) * rows * features))
     seed = draw(st.integers(0, 2**31))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
@@ -33,19 +34,30 @@ def kernel_problems(draw):
     values = torch.randn(nnz, dtype=torch.float64, generator=generator)
     x = torch.randn(tokens, features + pad, dtype=torch.float64, generator=generator)[:, :features]
     grad = torch.randn(tokens, rows, dtype=torch.float64, generator=generator)
-    return support, values, x, grad, dtype
+    return support, values, x, grad, dtype, draw(st.integers(1, 3))
+
+
+@contextlib.contextmanager
+def num_threads(threads: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_native
 @settings(max_examples=60, deadline=None)
 @given(problem=kernel_problems(), transposed_out=st.booleans())
 def test_spmm_add_adds_x_times_s_transposed(problem, transposed_out):
-    support, values, x, _, dtype = problem
+    support, values, x, _, dtype, threads = problem
     start = torch.randn(x.shape[0], support.shape[0], dtype=torch.float64)
     out = start.to(dtype, copy=True)
     if transposed_out:  # rows not contiguous: the op works on a copy and adds it back
         out = out.t().contiguous().t()
-    native.spmm_add_(x.to(dtype), support.crow_indices, support.col_indices, values.to(dtype), out)
+    with num_threads(threads):
+        native.spmm_add_(x.to(dtype), support.crow_indices, support.col_indices, values.to(dtype), out)
     expected = start + x @ support.to_dense(values).t()
     torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
 
@@ -54,8 +66,9 @@ def test_spmm_add_adds_x_times_s_transposed(problem, transposed_out):
 @settings(max_examples=60, deadline=None)
 @given(problem=kernel_problems())
 def test_entry_dots_are_the_sampled_entries_of_grad_t_x(problem):
-    support, _, x, grad, dtype = problem
-    dots = native.entry_dots(grad.to(dtype), x.to(dtype), support.crow_indices, support.col_indices)
+    support, _, x, grad, dtype, threads = problem
+    with num_threads(threads):
+        dots = native.entry_dots(grad.to(dtype), x.to(dtype), support.crow_indices, support.col_indices)
     expected = (grad.t() @ x).reshape(-1)[support.flat_indices()]
     torch.testing.assert_close(dots.double(), expected, **TOLERANCE[dtype])
 
