@@ -82,6 +82,18 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(native.entry_dots_op, (grad, x, support.crow_indices, support.col_indices))
 
 
+@needs_native
+def test_eager_calls_show_in_the_profiler_under_the_ops_names():
+    """Eager calls skip the dispatcher, but a torch.profiler trace still names them."""
+    support = SparseSupport(uniform_flat_indices(40 * 30, 90, 0), (40, 30), persistent=False)
+    x, grad, values = torch.randn(20, 30), torch.randn(20, 40), torch.randn(90)
+    with torch.profiler.profile() as profile:
+        native.spmm_add_(x, support.crow_indices, support.col_indices, values, torch.zeros(20, 40))
+        native.entry_dots(grad, x, support.crow_indices, support.col_indices)
+    names = {event.key for event in profile.key_averages()}
+    assert {"lsparam::spmm_add_", "lsparam::entry_dots"} <= names
+
+
 def _sltrain_forward_backward(dtype):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(300, 200))

@@ -192,11 +192,27 @@ def _(grad, x, crow, col):
     return x.new_empty(col.numel())
 
 
+def _eager(op, implementation):
+    """Call ``implementation`` directly, under the op's name in ``torch.profiler`` traces when one runs."""
+    name = op._qualname
+
+    def call(*args):
+        if not getattr(torch.autograd.profiler, "_is_profiler_enabled", True):  # record_function costs a dispatch
+            return implementation(*args)
+        with torch.profiler.record_function(name):
+            return implementation(*args)
+
+    return call
+
+
+_spmm_add_eager, _entry_dots_eager = _eager(spmm_add_op, _spmm_add), _eager(entry_dots_op, _entry_dots)
+
+
 def spmm_add_(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     """``out += x Sᵀ`` in place, for ``x`` (tokens × in) and ``S`` (rows × in) in CSR form with ``values``."""
-    (spmm_add_op if torch.compiler.is_compiling() else _spmm_add)(x, crow, col, values, out)
+    (spmm_add_op if torch.compiler.is_compiling() else _spmm_add_eager)(x, crow, col, values, out)
 
 
 def entry_dots(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """``out[k] = Σ_t grad[t, row k] · x[t, col k]`` for each entry ``k`` of the CSR support (row-major)."""
-    return (entry_dots_op if torch.compiler.is_compiling() else _entry_dots)(grad, x, crow, col)
+    return (entry_dots_op if torch.compiler.is_compiling() else _entry_dots_eager)(grad, x, crow, col)

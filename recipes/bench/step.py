@@ -12,6 +12,10 @@ compiling changes.
 
     python recipes/bench/step.py --compile --unfused      # writes the table into docs/benchmarks.md
     python recipes/bench/step.py --sizes llama_20m --methods full lost --no-write
+    python recipes/bench/step.py --profile --sizes llama_60m --methods sltrain --optimizers adamw
+
+``--profile`` runs the first size, method and optimizer given in this process under ``torch.profiler``
+instead, and prints where a step's time goes (writes nothing).
 """
 
 from __future__ import annotations
@@ -96,6 +100,24 @@ def measure_one(run, args) -> dict:
     return {"peak_bytes": measure(step).peak}
 
 
+def profile_one(run, args) -> None:
+    """Print the ops that take a step's time, from ``torch.profiler`` over ``--repeats`` steps after warm-up."""
+    import torch
+
+    step, _ = build_step(*run, args)
+    for _ in range(args.warmup):
+        step()
+    with torch.profiler.profile() as profile:
+        for _ in range(args.repeats):
+            step()
+    events = profile.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    total = sum(e.self_cpu_time_total for e in events) / args.repeats / 1e3
+    sparse = sum(e.self_cpu_time_total for e in events if e.key.startswith("lsparam::")) / args.repeats / 1e3
+    print(f"{' '.join(map(str, run[:3]))}: {total:.0f} ms of op time per step, lsparam's sparse kernels "
+          f"{sparse:.0f} ms ({sparse / total:.1%})")
+
+
 def child(mode: str, payload, args) -> None:
     """Run in a fresh process and print one JSON line (see main)."""
     print(json.dumps(time_size(payload, args) if mode == "time" else measure_one(payload, args)))
@@ -120,7 +142,11 @@ def main() -> None:
     parser.add_argument("--unfused", action="store_true", help="also time AdamW's unfused loop (first size)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--profile", action="store_true", help="profile one configuration (see above); writes nothing")
     args = parser.parse_args()
+    if args.profile:
+        profile_one((args.sizes[0], args.methods[0], args.optimizers[0], False), args)
+        return
     if args.child:
         child(args.child[0], json.loads(args.child[1]), args)
         return
