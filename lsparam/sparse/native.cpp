@@ -5,14 +5,15 @@
 //
 // Why our own: PyTorch's CPU routes (embedding_bag, CSR spmm, sampled_addmm) read a random row of the
 // features-major activations from L2 or memory for every sparse entry, and need those activations
-// transposed in separate passes. Here each thread transposes its own block of tokens (one vector of
+// transposed in separate passes. Here each thread transposes its own block of tokens (a few vectors of
 // tokens per column, in L2) with in-register tile transposes, and walks the support row by row: each
 // sparse entry costs one vector load and one fused multiply-add per vector of tokens, summed in registers.
-// Measured on a 2-core Sapphire Rapids VM, 2048x2048 at δ = 0.03 and 2048 tokens: each product takes
-// 0.14-0.2 of one dense GEMM's time. What did not pay there: column tiles small enough for L1 (the
-// per-row, per-tile bookkeeping cost more than L2 latency), accumulating in an L1 buffer in a flat entry
-// order (one 64-byte store per entry), two vectors of tokens per entry, and threads sharing one
-// transposed block (a barrier per block cost a quarter of the time).
+// Measured on a 2-core Sapphire Rapids VM (recipes/bench/kernels.py): each product takes 0.1-0.3 of one
+// dense GEMM's time at LLaMA shapes, against 0.03 of its FLOPs. What did not pay there: column tiles small
+// enough for L1 (the per-row, per-tile bookkeeping cost more than L2 latency), accumulating in an L1
+// buffer in a flat entry order (one 64-byte store per entry), more than two vectors of tokens or four
+// running sums per row in the forward, and threads sharing one transposed block (a barrier per block
+// cost a quarter of the time).
 //
 // Vectors are GCC/Clang vector extensions of 64 bytes: AVX-512 where the CPU has it, else split by the
 // compiler into AVX2 or SSE halves. Built at first use by lsparam/sparse/native.py, called through ctypes.
@@ -157,41 +158,55 @@ T horizontal_sum(const void* v) {
 }
 
 // Each thread takes whole blocks of tokens and transposes its own: no barrier between blocks, and no two
-// threads write one row of out. Blocks are L tokens (one vector) for spmm_add; for entry_dots as many as
-// keep every thread busy, up to 8 vectors (one horizontal sum per entry and 8 vectors of tokens).
+// threads write one row of out. A block is W vectors of tokens: 2 for spmm_add (each entry's column and
+// value loaded once for 2 vectors: 20-25% faster than 1, and 4 no faster), up to 8 for entry_dots (one
+// horizontal sum per entry and 8 vectors); fewer where a thread would otherwise go without a block.
+template <typename T, int64_t W>
+void spmm_add(const T* x, int64_t ldx, int64_t tokens, int64_t features, const int32_t* crow, const int32_t* col,
+              const T* values, int64_t rows, T* out, int64_t ldo, int threads) {
+  constexpr int64_t L = Vec<T>::lanes;
+  const int64_t blocks = (tokens + W * L - 1) / (W * L);
+#pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks))))
+  {
+    auto xt = aligned_vectors<V<T>>(features * W);
+    auto acc = aligned_vectors<V<T>>(ROW_BLOCK * W);  // the sums of rows r0..r1, W vectors each
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t t0 = b * W * L, n = std::min(W * L, tokens - t0);
+      transpose_block(x, ldx, t0, n, features, W, xt.get());
+      for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
+        const int64_t r1 = std::min(r0 + ROW_BLOCK, rows);
+        for (int64_t r = r0; r < r1; ++r) {
+          // two entries at a time into separate sums: one set would wait on each multiply-add's latency
+          V<T> a[2][W] = {};
+          int32_t k = crow[r];
+          for (; k + 2 <= crow[r + 1]; k += 2)
+            for (int64_t u = 0; u < 2; ++u) {
+              const V<T>* column = xt.get() + static_cast<int64_t>(col[k + u]) * W;
+              for (int64_t w = 0; w < W; ++w) a[u][w] += values[k + u] * column[w];
+            }
+          if (k < crow[r + 1]) {
+            const V<T>* column = xt.get() + static_cast<int64_t>(col[k]) * W;
+            for (int64_t w = 0; w < W; ++w) a[0][w] += values[k] * column[w];
+          }
+          for (int64_t w = 0; w < W; ++w) acc[(r - r0) * W + w] = a[0][w] + a[1][w];
+        }
+        for (int64_t w = 0; w < W; ++w)
+          for (int64_t r = r0; r < r1; r += L)
+            add_transposed(acc.get() + (r - r0) * W + w, W, std::max<int64_t>(0, std::min(L, n - w * L)),
+                           std::min(L, r1 - r), out + (t0 + w * L) * ldo + r, ldo);
+      }
+    }
+  }
+}
+
 template <typename T>
 void spmm_add(const T* x, int64_t ldx, int64_t tokens, int64_t features, const int32_t* crow, const int32_t* col,
               const T* values, int64_t rows, T* out, int64_t ldo, int threads) {
   constexpr int64_t L = Vec<T>::lanes;
-  const int64_t blocks = (tokens + L - 1) / L;
-#pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks))))
-  {
-    auto xt = aligned_vectors<V<T>>(features);
-    V<T> acc[ROW_BLOCK];
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t t0 = b * L, n = std::min(L, tokens - t0);
-      transpose_block(x, ldx, t0, n, features, 1, xt.get());
-      for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
-        const int64_t r1 = std::min(r0 + ROW_BLOCK, rows);
-        for (int64_t r = r0; r < r1; ++r) {
-          // four independent sums: one would wait on each fused multiply-add's latency
-          V<T> a0 = {}, a1 = {}, a2 = {}, a3 = {};
-          int32_t k = crow[r];
-          for (; k + 4 <= crow[r + 1]; k += 4) {
-            a0 += values[k] * xt[col[k]];
-            a1 += values[k + 1] * xt[col[k + 1]];
-            a2 += values[k + 2] * xt[col[k + 2]];
-            a3 += values[k + 3] * xt[col[k + 3]];
-          }
-          for (; k < crow[r + 1]; ++k) a0 += values[k] * xt[col[k]];
-          acc[r - r0] = (a0 + a1) + (a2 + a3);
-        }
-        for (int64_t r = r0; r < r1; r += L)
-          add_transposed(acc + (r - r0), 1, n, std::min(L, r1 - r), out + t0 * ldo + r, ldo);
-      }
-    }
-  }
+  if ((tokens + 2 * L - 1) / (2 * L) >= threads)
+    return spmm_add<T, 2>(x, ldx, tokens, features, crow, col, values, rows, out, ldo, threads);
+  spmm_add<T, 1>(x, ldx, tokens, features, crow, col, values, rows, out, ldo, threads);
 }
 
 template <typename T, int64_t W>
