@@ -130,6 +130,17 @@ void add_transposed(const V<T>* src, int64_t stride, int64_t n, int64_t m, T* ds
     for (int64_t i = 0; i < n; ++i) dst[i * ld + j] += src[j * stride][i];
 }
 
+// Of a block's n tokens, how many fall in its vector w (full vectors first, then a partial one, then none).
+template <typename T>
+int64_t tokens_in_vector(int64_t n, int64_t w) {
+  return std::max<int64_t>(0, std::min(Vec<T>::lanes, n - w * Vec<T>::lanes));
+}
+
+// Threads for `blocks` blocks of tokens: one block at least per thread.
+inline int team_size(int threads, int64_t blocks) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));
+}
+
 // xt[c * width + w] holds tokens t0 + w·lanes ... of column c of x (width vectors per column, zero past
 // the last token).
 template <typename T>
@@ -137,8 +148,8 @@ void transpose_block(const T* x, int64_t ldx, int64_t t0, int64_t n, int64_t fea
   constexpr int64_t L = Vec<T>::lanes;
   for (int64_t w = 0; w < width; ++w)
     for (int64_t c = 0; c < features; c += L) {
-      const int64_t tokens = std::max<int64_t>(0, std::min(L, n - w * L));
-      load_transposed(x + (t0 + w * L) * ldx + c, ldx, tokens, std::min(L, features - c), xt + c * width + w, width);
+      load_transposed(x + (t0 + w * L) * ldx + c, ldx, tokens_in_vector<T>(n, w), std::min(L, features - c),
+                      xt + c * width + w, width);
     }
 }
 
@@ -166,7 +177,7 @@ void spmm_add(const T* x, int64_t ldx, int64_t tokens, int64_t features, const i
               const T* values, int64_t rows, T* out, int64_t ldo, int threads) {
   constexpr int64_t L = Vec<T>::lanes;
   const int64_t blocks = (tokens + W * L - 1) / (W * L);
-#pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks))))
+#pragma omp parallel num_threads(team_size(threads, blocks))
   {
     auto xt = aligned_vectors<V<T>>(features * W);
     auto acc = aligned_vectors<V<T>>(ROW_BLOCK * W);  // the sums of rows r0..r1, W vectors each
@@ -193,7 +204,7 @@ void spmm_add(const T* x, int64_t ldx, int64_t tokens, int64_t features, const i
         }
         for (int64_t w = 0; w < W; ++w)
           for (int64_t r = r0; r < r1; r += L)
-            add_transposed(acc.get() + (r - r0) * W + w, W, std::max<int64_t>(0, std::min(L, n - w * L)),
+            add_transposed(acc.get() + (r - r0) * W + w, W, tokens_in_vector<T>(n, w),
                            std::min(L, r1 - r), out + (t0 + w * L) * ldo + r, ldo);
       }
     }
@@ -214,7 +225,7 @@ void entry_dots(const T* grad, int64_t ldg, const T* x, int64_t ldx, int64_t tok
                 const int32_t* crow, const int32_t* col, int64_t rows, T* out, int threads) {
   constexpr int64_t L = Vec<T>::lanes;
   const int64_t blocks = (tokens + W * L - 1) / (W * L), nnz = crow[rows];
-  const int team = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));
+  const int team = team_size(threads, blocks);
   auto partial = aligned_vectors<T>((team - 1) * nnz);  // threads after the first sum into their own copy
 #pragma omp parallel num_threads(team)
   {
@@ -231,7 +242,7 @@ void entry_dots(const T* grad, int64_t ldg, const T* x, int64_t ldx, int64_t tok
         const int64_t r1 = std::min(r0 + ROW_BLOCK, rows);
         for (int64_t w = 0; w < W; ++w)
           for (int64_t r = r0; r < r1; r += L)
-            load_transposed(grad + (t0 + w * L) * ldg + r, ldg, std::max<int64_t>(0, std::min(L, n - w * L)),
+            load_transposed(grad + (t0 + w * L) * ldg + r, ldg, tokens_in_vector<T>(n, w),
                             std::min(L, r1 - r), g.get() + (r - r0) * W + w, W);
         for (int64_t r = r0; r < r1; ++r) {
           for (int32_t k = crow[r]; k < crow[r + 1]; ++k) {

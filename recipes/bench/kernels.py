@@ -15,8 +15,6 @@ product is δ = 0.03 of one.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -24,6 +22,7 @@ from lsparam.methods.sltrain import sltrain_nnz
 from lsparam.sparse import native
 from lsparam.sparse.matmul import bag_sum, entry_dots
 from lsparam.sparse.support import SparseSupport, uniform_flat_indices
+from timing import median_seconds
 
 SHAPES = ["768x768", "1024x2736", "2736x1024", "2048x2048", "2048x5461"]  # out x in, as recipes/bench/layers.py
 DENSITY = 0.03
@@ -46,20 +45,6 @@ def products(out_features: int, in_features: int, tokens: int) -> dict:
         "dX": lambda: bag_sum(grad, crow_t, col_t, values.index_select(0, perm), in_features, out=grad_x),
         "dV": lambda: entry_dots(grad, x, support),
     }
-
-
-def time_rounds(calls: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds per call, the calls timed in turn within each round."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -86,7 +71,7 @@ def main() -> None:
                     call()
 
             timed[f"{name} (embedding_bag)"] = without_native
-        seconds = time_rounds(timed, args.repeats)
+        seconds = median_seconds(timed, args.repeats)
         gemm = seconds["dense GEMM"]
         for product in calls:
             ratios = [seconds[f"{product} ({route})"] / gemm for route in routes]

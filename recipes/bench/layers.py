@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
+import functools
 
 import torch
 from torch import nn
@@ -22,6 +21,7 @@ from torch import nn
 import lsparam
 from lsparam.methods.sltrain import sltrain_nnz
 from lsparam.sparse import native
+from timing import median_seconds
 
 WITHOUT_NATIVE = "lsparam SLTrain (gather, embedding_bag)"  # timed with lsparam.sparse.native.disabled()
 SHAPES = ["768x768", "1024x2736", "2736x1024", "2048x2048", "2048x5461"]  # out x in
@@ -72,27 +72,18 @@ def variants(out_features: int, in_features: int, device, dtype):
     return out
 
 
-def time_fwd_bwd(layers: dict, x, grad, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds of forward + backward per layer, the layers timed in turn within each round, so
-    a slow spell on a shared machine lands on every layer alike rather than on one. The backward starts
-    from ``grad``, a dense output gradient as in training (``y.sum()``'s would be a stride-0 view)."""
+def time_fwd_bwd(layers: dict, x, grad, repeats: int) -> dict:
+    """Median seconds of forward + backward per layer, timed in turn within rounds (``median_seconds``).
+    The backward starts from ``grad``, a dense output gradient as in training (``y.sum()``'s would be a
+    stride-0 view)."""
     def run(layer):
         layer.zero_grad(set_to_none=True)
-        start = time.perf_counter()
         with native.disabled() if layer is layers.get(WITHOUT_NATIVE) else contextlib.nullcontext():
             layer(x).backward(grad)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
 
-    for layer in layers.values():
-        for _ in range(warmup):
-            run(layer)
-    times = {name: [] for name in layers}
-    for _ in range(repeats):
-        for name, layer in layers.items():
-            times[name].append(run(layer))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return median_seconds({name: functools.partial(run, layer) for name, layer in layers.items()}, repeats)
 
 
 def main() -> None:
