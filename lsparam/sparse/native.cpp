@@ -255,9 +255,10 @@ void entry_dots(const T* grad, int64_t ldg, const T* x, int64_t ldx, int64_t tok
         }
       }
     }  // the loop's barrier: every partial sum is complete
+    const int running = omp_get_num_threads();  // OpenMP may grant fewer than asked (nested regions)
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < nnz; ++k)
-      for (int t = 1; t < team; ++t) out[k] += partial[(t - 1) * nnz + k];
+      for (int t = 1; t < running; ++t) out[k] += partial[(t - 1) * nnz + k];
   }
 }
 
