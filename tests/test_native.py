@@ -21,8 +21,8 @@ TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rt
 @st.composite
 def kernel_problems(draw):
     """Supports over more than one row block (128 rows) and partial 16×16 transpose tiles, token counts
-    across the kernels' blocks (16 float32 tokens forward, 16 to 128 for dV by thread count; half as
-    many float64) on 1 to 3 threads, activations whose rows are longer than their width."""
+    across the kernels' blocks (16 or 32 float32 tokens forward, 16 to 128 for dV, by thread count;
+    half as many float64) on 1 to 3 threads, activations whose rows are longer than their width."""
     rows, features = draw(st.integers(1, 300)), draw(st.integers(1, 1100))
     tokens = draw(st.integers(0, 300))
     nnz = max(1, int(draw(st.floats(0.0005, 0.3)) * rows * features))

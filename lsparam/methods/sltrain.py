@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lsparam.config import SLTrainConfig, resolve_rank
 from lsparam.methods.base import StructuredParametrization
 from lsparam.methods.svd import balanced_factors, svd
-from lsparam.sparse.matmul import bag_sum, entry_dots, is_shape_only, resolve_backend, sparse_linear
+from lsparam.sparse.matmul import bag_sum, entry_dots, input_grad, is_shape_only, resolve_backend, sparse_linear
 from lsparam.sparse.support import (
     SparseSupport,
     derived_seed,
@@ -64,9 +64,7 @@ class _GatherSLTrainLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_A = grad_hidden.t() @ x2
         if ctx.needs_input_grad[0]:
-            crow_t, col_t, perm = support.transposed()
-            grad_x = bag_sum(g2, crow_t, col_t, values.index_select(0, perm), support.shape[1], out=grad_hidden @ A)
-            grad_x = grad_x.reshape(x.shape)
+            grad_x = input_grad(g2, values, support, out=grad_hidden @ A).reshape(x.shape)
         if ctx.needs_input_grad[3]:
             grad_values = entry_dots(g2, x2, support)
         return grad_x, grad_B, grad_A, grad_values, None, None

@@ -61,6 +61,12 @@ def bag_sum(table: torch.Tensor, crow, col, weights, bags: int, out: torch.Tenso
     return y
 
 
+def input_grad(grad: torch.Tensor, values: torch.Tensor, support: SparseSupport, out: torch.Tensor | None = None):
+    """``dX = grad S`` (T × in): ``bag_sum`` over the transposed support (cached), added into ``out`` if given."""
+    crow_t, col_t, perm = support.transposed()
+    return bag_sum(grad, crow_t, col_t, values.index_select(0, perm), support.shape[1], out=out)
+
+
 def entry_dots(grad: torch.Tensor, x: torch.Tensor, support: SparseSupport) -> torch.Tensor:
     """``dV[k] = Σ_t grad[t, row k] · x[t, col k]``, the gradient of the values, one block of tokens at a time."""
     if native.available(grad, x):
@@ -92,8 +98,7 @@ class _GatherMatmul(torch.autograd.Function):
         g2 = _flatten(grad_out)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            crow_t, col_t, perm = support.transposed()
-            grad_x = bag_sum(g2, crow_t, col_t, values.index_select(0, perm), support.shape[1]).reshape(x.shape)
+            grad_x = input_grad(g2, values, support).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             grad_values = entry_dots(g2, _flatten(x), support)
         return grad_x, grad_values, None

@@ -136,6 +136,12 @@ int64_t tokens_in_vector(int64_t n, int64_t w) {
   return std::max<int64_t>(0, std::min(Vec<T>::lanes, n - w * Vec<T>::lanes));
 }
 
+// Blocks of `width` vectors that `tokens` tokens make, the last one partial.
+template <typename T>
+int64_t token_blocks(int64_t tokens, int64_t width) {
+  return (tokens + width * Vec<T>::lanes - 1) / (width * Vec<T>::lanes);
+}
+
 // Threads for `blocks` blocks of tokens: one block at least per thread.
 inline int team_size(int threads, int64_t blocks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));
@@ -176,7 +182,7 @@ template <typename T, int64_t W>
 void spmm_add(const T* x, int64_t ldx, int64_t tokens, int64_t features, const int32_t* crow, const int32_t* col,
               const T* values, int64_t rows, T* out, int64_t ldo, int threads) {
   constexpr int64_t L = Vec<T>::lanes;
-  const int64_t blocks = (tokens + W * L - 1) / (W * L);
+  const int64_t blocks = token_blocks<T>(tokens, W);
 #pragma omp parallel num_threads(team_size(threads, blocks))
   {
     auto xt = aligned_vectors<V<T>>(features * W);
@@ -214,8 +220,7 @@ void spmm_add(const T* x, int64_t ldx, int64_t tokens, int64_t features, const i
 template <typename T>
 void spmm_add(const T* x, int64_t ldx, int64_t tokens, int64_t features, const int32_t* crow, const int32_t* col,
               const T* values, int64_t rows, T* out, int64_t ldo, int threads) {
-  constexpr int64_t L = Vec<T>::lanes;
-  if ((tokens + 2 * L - 1) / (2 * L) >= threads)
+  if (token_blocks<T>(tokens, 2) >= threads)
     return spmm_add<T, 2>(x, ldx, tokens, features, crow, col, values, rows, out, ldo, threads);
   spmm_add<T, 1>(x, ldx, tokens, features, crow, col, values, rows, out, ldo, threads);
 }
@@ -224,7 +229,7 @@ template <typename T, int64_t W>
 void entry_dots(const T* grad, int64_t ldg, const T* x, int64_t ldx, int64_t tokens, int64_t features,
                 const int32_t* crow, const int32_t* col, int64_t rows, T* out, int threads) {
   constexpr int64_t L = Vec<T>::lanes;
-  const int64_t blocks = (tokens + W * L - 1) / (W * L), nnz = crow[rows];
+  const int64_t blocks = token_blocks<T>(tokens, W), nnz = crow[rows];
   const int team = team_size(threads, blocks);
   auto partial = aligned_vectors<T>((team - 1) * nnz);  // threads after the first sum into their own copy
 #pragma omp parallel num_threads(team)
@@ -265,8 +270,7 @@ void entry_dots(const T* grad, int64_t ldg, const T* x, int64_t ldx, int64_t tok
 template <typename T>
 void entry_dots(const T* grad, int64_t ldg, const T* x, int64_t ldx, int64_t tokens, int64_t features,
                 const int32_t* crow, const int32_t* col, int64_t rows, T* out, int threads) {
-  constexpr int64_t L = Vec<T>::lanes;
-  const auto busy = [&](int64_t w) { return (tokens + w * L - 1) / (w * L) >= threads; };
+  const auto busy = [&](int64_t w) { return token_blocks<T>(tokens, w) >= threads; };
   if (busy(8)) return entry_dots<T, 8>(grad, ldg, x, ldx, tokens, features, crow, col, rows, out, threads);
   if (busy(4)) return entry_dots<T, 4>(grad, ldg, x, ldx, tokens, features, crow, col, rows, out, threads);
   if (busy(2)) return entry_dots<T, 2>(grad, ldg, x, ldx, tokens, features, crow, col, rows, out, threads);

@@ -20,11 +20,11 @@ import torch
 
 from lsparam.methods.sltrain import sltrain_nnz
 from lsparam.sparse import native
-from lsparam.sparse.matmul import bag_sum, entry_dots
+from lsparam.sparse.matmul import bag_sum, entry_dots, input_grad
 from lsparam.sparse.support import SparseSupport, uniform_flat_indices
+from layers import SHAPES  # the layer benchmark's shapes
 from timing import median_seconds
 
-SHAPES = ["768x768", "1024x2736", "2736x1024", "2048x2048", "2048x5461"]  # out x in, as recipes/bench/layers.py
 DENSITY = 0.03
 
 
@@ -37,12 +37,11 @@ def products(out_features: int, in_features: int, tokens: int) -> dict:
     x = torch.randn(tokens, in_features, generator=generator)
     grad = torch.randn(tokens, out_features, generator=generator)
     weight = torch.randn(out_features, in_features, generator=generator)
-    crow_t, col_t, perm = support.transposed()
     out, grad_x = torch.zeros(tokens, out_features), torch.zeros(tokens, in_features)
     return {
         "dense GEMM": lambda: x @ weight.t(),
         "forward": lambda: bag_sum(x, support.crow_indices, support.col_indices, values, out_features, out=out),
-        "dX": lambda: bag_sum(grad, crow_t, col_t, values.index_select(0, perm), in_features, out=grad_x),
+        "dX": lambda: input_grad(grad, values, support, out=grad_x),
         "dV": lambda: entry_dots(grad, x, support),
     }
 
