@@ -8,7 +8,6 @@ model is touched. Per-layer checks (a rank too large for one layer's shape) happ
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -16,7 +15,12 @@ from dataclasses import dataclass, field
 SPARSE_BACKENDS = ("auto", "gather", "csr", "scatter", "semi-structured")
 LOST_ACTIVATIONS = (None, "silu")
 LOST_SPARSE_INITS = ("original", "residual")
-SLTRAIN_INITS = ("random", "dense")
+# ``init``: each method's from-scratch init (the paper's) is the default; "dense" starts every layer from the
+# best approximation of its current weight within the method's structure (continued pretraining).
+DENSE_INIT = "dense"
+LOWRANK_INITS = (DENSE_INIT,)
+SLTRAIN_INITS = ("random", DENSE_INIT)
+LOST_INITS = ("paper", DENSE_INIT)
 
 
 def _check_rank(rank) -> None:
@@ -55,8 +59,10 @@ def _check_choice(name: str, value, choices) -> None:
 def resolve_rank(rank, out_features: int, in_features: int, *, layer: str = "") -> int:
     """The integer rank of one layer, from a config's ``rank``.
 
-    A float is a fraction of ``min(in, out)``, rounded down. The result must be at least 1 and
-    strictly below ``min(in, out)`` (otherwise the factorisation saves nothing and is not low-rank).
+    A float is a fraction of ``min(in, out)``, rounded down. The result must lie in ``[1, min(in, out)]``:
+    beyond ``min(in, out)`` the weight has no more singular directions to hold. A factorisation saves
+    parameters only while ``r·(in + out) < in·out``, i.e. ``r < in·out / (in + out)`` (half of ``min`` for a
+    square layer); :func:`lsparam.parametrize` warns about layers that save nothing, it does not refuse them.
 
     >>> resolve_rank(0.25, 512, 1376)
     128
@@ -72,24 +78,21 @@ def resolve_rank(rank, out_features: int, in_features: int, *, layer: str = "") 
             f"rank={rank} gives r={r}{where} of shape {out_features}x{in_features}; "
             f"use a larger fraction or an int rank >= 1"
         )
-    if r >= smaller:
+    if r > smaller:
         raise ValueError(
             f"rank={rank} gives r={r}{where} of shape {out_features}x{in_features}, "
-            f"but r must be < min(in, out) = {smaller}"
+            f"but r must be <= min(in, out) = {smaller}"
         )
     return r
 
 
 class _ConfigBase:
-    """Shared helpers: a JSON fingerprint stored with each layer to refuse loading another config."""
+    """Shared helpers: the config as JSON-able data, stored with each layer to refuse loading another config."""
 
     method: str = ""
 
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
-
-    def fingerprint(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 @dataclass
@@ -97,19 +100,24 @@ class LowRankConfig(_ConfigBase):
     """Pure low-rank weights ``W = B A``, the baseline both papers beat.
 
     ``B`` and ``A`` start from the top-``r`` SVD of the layer's current weight (``√Σ`` on each side),
-    the best rank-``r`` approximation of it.
+    the best rank-``r`` approximation of it (Eckart–Young). That is ``init="dense"``, the only init: on a
+    random model it is the SVD of the random init, on a trained one the closest rank-``r`` weight.
 
     >>> LowRankConfig(rank=0.25)
-    LowRankConfig(rank=0.25)
+    LowRankConfig(rank=0.25, init='dense')
     """
 
     method = "lowrank"
     rank: int | float = field(
         default=0.25, metadata={"help": "int rank, or a float in (0, 1): fraction of min(in, out)"}
     )
+    init: str = field(
+        default=DENSE_INIT, metadata={"help": "'dense': the top-r SVD of the current weight (the only init)"}
+    )
 
     def __post_init__(self):
         _check_rank(self.rank)
+        _check_choice("init", self.init, LOWRANK_INITS)
 
 
 @dataclass
@@ -160,7 +168,7 @@ class SLTrainConfig(_ConfigBase):
                 f"sparse_backend='semi-structured' keeps 2 of every 4 weights, so density must be 0.5; "
                 f"got density={self.density}"
             )
-        if self.sparse_backend == "semi-structured" and self.init == "dense":
+        if self.sparse_backend == "semi-structured" and self.init == DENSE_INIT:
             raise ValueError("init='dense' picks an unstructured support; use it with sparse_backend 'auto', 'gather', 'csr' or 'scatter'")
 
 
@@ -171,8 +179,16 @@ class LOSTConfig(_ConfigBase):
     ``y = γ · φ(x Aᵀ) Bᵀ + (1 − γ) · x[..., I] W_sᵀ`` with ``I`` the input channels whose residual
     (the spectrum below rank ``r``) has the largest L2 norm.
 
+    ``init="paper"`` (default) is the paper's from-scratch init: ``B A`` the top-``r`` SVD with ``√Σ`` on
+    each side and ``W_s = W[:, I]``, so the layer starts as ``γ·SVD_r(W) + (1 − γ)·W[:, I]``, not as ``W``.
+    ``init="dense"`` starts from the closest weight of that structure (continued pretraining):
+    ``γ·B A = SVD_r(W)`` and ``W_s`` the residual on the kept channels divided by ``1 − γ``; it needs the
+    linear variant (SiLU has no dense form).
+
     >>> LOSTConfig(rank=0.25, channel_ratio=0.05, gamma=0.5).activation is None
     True
+    >>> LOSTConfig(init="dense").init
+    'dense'
     """
 
     method = "lost"
@@ -191,7 +207,15 @@ class LOSTConfig(_ConfigBase):
         metadata={"help": "None: score channels on the whole spectrum below r; k: on components r..r+k-1"},
     )
     sparse_init: str = field(
-        default="original", metadata={"help": "'original': W_s = W0[:, I]; 'residual': W_s = W_c[:, I]"}
+        default="original",
+        metadata={"help": "init='paper' only: 'original': W_s = W0[:, I]; 'residual': W_s = W_c[:, I]"},
+    )
+    init: str = field(
+        default="paper",
+        metadata={
+            "help": "'paper' (SVD of the current weight, W_s = W[:, I]; for a random model) or 'dense' (the "
+            "closest LOST weight to the current one, for continued pretraining; linear LOST only)"
+        },
     )
 
     def __post_init__(self):
@@ -208,6 +232,22 @@ class LOSTConfig(_ConfigBase):
             raise ValueError(
                 f"residual_window must be None or a positive int; got residual_window={self.residual_window!r}"
             )
+        _check_choice("init", self.init, LOST_INITS)
+        if self.init == DENSE_INIT:
+            if self.activation is not None:
+                raise ValueError(
+                    f"init='dense' starts from the closest LOST weight to the layer's current one, but "
+                    f"activation={self.activation!r} has no dense form (a nonlinearity sits between the factors), "
+                    f"so no weight is closest. Use LOSTConfig(init='dense') (linear LOST) for continued "
+                    f"pretraining, or init='paper' with activation={self.activation!r}."
+                )
+            # the dense init picks channels on the whole residual and sets W_s from it: these would be ignored
+            if self.residual_window is not None or self.sparse_init != "original":
+                raise ValueError(
+                    f"residual_window and sparse_init belong to init='paper'; init='dense' scores channels on the "
+                    f"whole residual and starts W_s from it. Got residual_window={self.residual_window!r}, "
+                    f"sparse_init={self.sparse_init!r}."
+                )
 
 
 def default_config() -> LOSTConfig:
@@ -215,6 +255,6 @@ def default_config() -> LOSTConfig:
     study (docs/methods.md#defaults), at the studied sizes (rank 1/4, 5% of channels, γ = 0.5).
 
     >>> default_config()
-    LOSTConfig(rank=0.25, channel_ratio=0.05, gamma=0.5, activation='silu', residual_window=None, sparse_init='original')
+    LOSTConfig(rank=0.25, channel_ratio=0.05, gamma=0.5, activation='silu', residual_window=None, sparse_init='original', init='paper')
     """
     return LOSTConfig(activation="silu")

@@ -291,7 +291,7 @@ def lsparam_config(model: nn.Module) -> dict:
         >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
         >>> _ = lsparam.parametrize(model, lsparam.LowRankConfig(rank=4))
         >>> lsparam.hf.lsparam_config(model)["groups"]
-        [{'method': 'lowrank', 'config': {'method': 'lowrank', 'rank': 4}, 'target_modules': ['0', '1']}]
+        [{'method': 'lowrank', 'config': {'method': 'lowrank', 'rank': 4, 'init': 'dense'}, 'target_modules': ['0', '1']}]
     """
     from lsparam import __version__
 

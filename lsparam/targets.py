@@ -1,10 +1,13 @@
 """Which modules to touch, with PEFT's rules.
 
-- ``"all-linear"``: every ``nn.Linear`` except the output embedding and any layer whose weight is tied
-  to an input embedding.
+- ``"all-linear"``: every ``nn.Linear`` and transformers ``Conv1D`` except the output embedding, any layer
+  whose weight is tied to an input embedding, and the ``out_proj`` of ``nn.MultiheadAttention`` (whose
+  weight is not consumed through ``F.linear``; see :mod:`lsparam.layer_types`).
 - a string: a regular expression that must match the module's full qualified name (``re.fullmatch``).
 - a list of strings: each matches a name exactly or as a dotted suffix (``"q_proj"`` matches
-  ``"model.layers.0.self_attn.q_proj"``).
+  ``"model.layers.0.self_attn.q_proj"``); an entry that matches no module is an error.
+- a callable ``filter_fn(module, name) -> bool`` (torchao's convention), asked about every ``nn.Linear``
+  and ``Conv1D`` of the model.
 - ``None``: the model itself, when it is an ``nn.Linear`` (handy for a single layer).
 """
 
@@ -16,32 +19,58 @@ from typing import Iterable
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
+from lsparam.layer_types import attention_out_projections, is_linear_layer
+
 ALL_LINEAR = "all-linear"
 
 
 class TargetNotFoundError(ValueError):
-    """``target_modules`` matched no module of the model."""
+    """``target_modules`` (or an entry of it) matched no module of the model."""
 
 
-def _matches(rule, name: str) -> bool:
+def _matches(rule, name: str, module: nn.Module = None) -> bool:
+    if callable(rule):
+        return bool(rule(module, name))
     if isinstance(rule, str):
         return re.fullmatch(rule, name) is not None
-    return any(name == key or name.endswith("." + key) for key in rule)
+    return any(_entry_matches(key, name) for key in rule)
+
+
+def _entry_matches(key: str, name: str) -> bool:
+    return name == key or name.endswith("." + key)
 
 
 def _check_rule(arg: str, rule) -> None:
     if arg == "exclude_modules" and rule == ALL_LINEAR:
         raise ValueError("exclude_modules='all-linear' would exclude every layer; pass a regex or a list of names")
-    if rule is None or isinstance(rule, str):
-        if isinstance(rule, str) and rule != ALL_LINEAR:
+    if rule is None or callable(rule):
+        return
+    if isinstance(rule, str):
+        if rule != ALL_LINEAR:
             try:
                 re.compile(rule)
             except re.error as exc:
                 raise ValueError(f"{arg}={rule!r} is not a valid regular expression: {exc}") from None
         return
-    if isinstance(rule, Iterable) and all(isinstance(k, str) for k in rule):
+    if isinstance(rule, Iterable) and not isinstance(rule, (bytes, dict)) and all(isinstance(k, str) for k in rule):
         return
-    raise TypeError(f"{arg} must be 'all-linear', a regex string, or a list of module names; got {rule!r}")
+    raise TypeError(
+        f"{arg} must be 'all-linear', a regex string, a list of module names or a callable "
+        f"(module, name) -> bool; got {rule!r}"
+    )
+
+
+def _check_list_entries(arg: str, rule, named: list[tuple[str, nn.Module]]) -> None:
+    """Every entry of a list rule must name some module: a typo is an error, not a silent no-op."""
+    if rule is None or callable(rule) or isinstance(rule, str):
+        return
+    unmatched = [key for key in rule if not any(_entry_matches(key, name) for name, _ in named)]
+    if unmatched:
+        linear_names = [name for name, m in named if is_linear_layer(m)]
+        raise TargetNotFoundError(
+            f"{arg}={list(rule)!r}: {unmatched!r} matched no module (an entry matches a full module name or a "
+            f"dotted suffix of one); some nn.Linear / Conv1D names in this model: {linear_names[:6]}"
+        )
 
 
 def _tied_to_input_embedding(model: nn.Module) -> set[int]:
@@ -57,11 +86,12 @@ def _output_embedding(model: nn.Module):
         return None
 
 
-def select_linear_layers(model: nn.Module, target_modules=ALL_LINEAR, exclude_modules=None) -> dict[str, nn.Linear]:
+def select_linear_layers(model: nn.Module, target_modules=ALL_LINEAR, exclude_modules=None) -> dict[str, nn.Module]:
     """The ``{name: layer}`` that ``parametrize`` would touch, in model order.
 
-    Raises ``TargetNotFoundError`` when nothing matches, ``TypeError`` when a matched module is not an
-    ``nn.Linear``, and ``ValueError`` for an already-parametrized or tied layer.
+    Raises ``TargetNotFoundError`` when nothing matches or a list entry matches no module, ``TypeError``
+    when a matched module is not an ``nn.Linear`` or ``Conv1D``, and ``ValueError`` for an
+    already-parametrized or tied layer, or the ``out_proj`` of an ``nn.MultiheadAttention``.
 
     Example:
         >>> import torch
@@ -70,9 +100,15 @@ def select_linear_layers(model: nn.Module, target_modules=ALL_LINEAR, exclude_mo
         ['0', '2']
         >>> list(select_linear_layers(model, ["2"]))
         ['2']
+        >>> list(select_linear_layers(model, lambda module, name: module.out_features == 2))
+        ['2']
     """
     _check_rule("target_modules", target_modules)
     _check_rule("exclude_modules", exclude_modules)
+    named = [(name, m) for name, m in model.named_modules() if name]
+    _check_list_entries("target_modules", target_modules, named)
+    _check_list_entries("exclude_modules", exclude_modules, named)
+    attention_outputs = attention_out_projections(model)
     if target_modules is None:
         if not isinstance(model, nn.Linear):
             raise TypeError(
@@ -85,29 +121,39 @@ def select_linear_layers(model: nn.Module, target_modules=ALL_LINEAR, exclude_mo
         tied = _tied_to_input_embedding(model)
         candidates = {
             name: m
-            for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not head and name
+            for name, m in named
+            if is_linear_layer(m) and m is not head and id(m) not in attention_outputs
             and (torch_parametrize.is_parametrized(m, "weight") or id(m.weight) not in tied)
         }
         if isinstance(model, nn.Linear) and not candidates:
             candidates = {"": model}
+    elif callable(target_modules):
+        candidates = {name: m for name, m in named if is_linear_layer(m) and _matches(target_modules, name, m)}
     else:
-        candidates = {name: m for name, m in model.named_modules() if name and _matches(target_modules, name)}
+        candidates = {name: m for name, m in named if _matches(target_modules, name)}
     if exclude_modules is not None:
-        candidates = {n: m for n, m in candidates.items() if not _matches(exclude_modules, n)}
+        candidates = {n: m for n, m in candidates.items() if not _matches(exclude_modules, n, m)}
 
     if not candidates:
-        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linear_names = [n for n, m in named if is_linear_layer(m)]
         raise TargetNotFoundError(
             f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched no module; "
-            f"some nn.Linear names in this model: {linear_names[:6]}"
+            f"some nn.Linear / Conv1D names in this model: {linear_names[:6]}"
         )
     tied = _tied_to_input_embedding(model)
     for name, m in candidates.items():
-        if not isinstance(m, nn.Linear):
+        if not is_linear_layer(m):
             raise TypeError(
                 f"target_modules={target_modules!r} matched {name!r}, a {type(m).__name__}, but only "
-                f"nn.Linear layers can be parametrized; narrow the pattern or use exclude_modules"
+                f"nn.Linear and transformers Conv1D layers can be parametrized; narrow the pattern or use "
+                f"exclude_modules"
+            )
+        if id(m) in attention_outputs:
+            raise ValueError(
+                f"layer {name!r} is the out_proj of the nn.MultiheadAttention {attention_outputs[id(m)]!r}, whose "
+                f"forward reads the weight directly (F.multi_head_attention_forward), not through F.linear: a "
+                f"structured weight there would be rebuilt as a dense matrix on every forward. Exclude it "
+                f"('all-linear' already does)."
             )
         if torch_parametrize.is_parametrized(m, "weight"):
             raise ValueError(
@@ -119,3 +165,49 @@ def select_linear_layers(model: nn.Module, target_modules=ALL_LINEAR, exclude_mo
                 f"parametrizing it would silently untie them. Exclude it or untie the weights first."
             )
     return candidates
+
+
+def configs_per_layer(config, layers: dict[str, nn.Module]) -> dict[str, object]:
+    """``{name: config}`` for the selected ``layers``: one config for all, or per pattern of a dict.
+
+    A dict maps regular expressions, searched in each layer's full name (``re.search``), to configs:
+    ``{r"\\.mlp\\.": SLTrainConfig(), r"\\.self_attn\\.": LOSTConfig()}``. A layer matched by no pattern
+    stays dense; a layer matched by two patterns, and a pattern that matches no selected layer, are errors.
+
+    Example:
+        >>> import torch, lsparam
+        >>> layers = {"attn.q": torch.nn.Linear(4, 4), "mlp.up": torch.nn.Linear(4, 8), "head": torch.nn.Linear(4, 2)}
+        >>> routed = configs_per_layer({r"^attn\\.": lsparam.LowRankConfig(2), r"^mlp\\.": lsparam.LOSTConfig(2)}, layers)
+        >>> {name: type(c).__name__ for name, c in routed.items()}
+        {'attn.q': 'LowRankConfig', 'mlp.up': 'LOSTConfig'}
+    """
+    if not isinstance(config, dict):
+        return {name: config for name in layers}
+    if not config:
+        raise ValueError("config is an empty dict; map at least one pattern to a config, or pass one config")
+    patterns = {}
+    for key in config:
+        if not isinstance(key, str):
+            raise TypeError(f"the keys of a config dict are regex strings; got {key!r} of type {type(key).__name__}")
+        try:
+            patterns[key] = re.compile(key)
+        except re.error as exc:
+            raise ValueError(f"config key {key!r} is not a valid regular expression: {exc}") from None
+    routed, used = {}, set()
+    for name in layers:
+        hits = [key for key, pattern in patterns.items() if pattern.search(name)]
+        if len(hits) > 1:
+            raise ValueError(
+                f"layer {name!r} matches config patterns {hits[0]!r} and {hits[1]!r}; each layer may match one "
+                f"pattern: make them exclusive"
+            )
+        if hits:
+            routed[name] = config[hits[0]]
+            used.add(hits[0])
+    unused = [key for key in config if key not in used]
+    if unused:
+        raise TargetNotFoundError(
+            f"config patterns {unused!r} match no selected layer (patterns are searched in full layer names, "
+            f"re.search); selected layers include {list(layers)[:6]}"
+        )
+    return routed

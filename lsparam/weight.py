@@ -2,9 +2,10 @@
 
 ``module.weight`` of a parametrized layer is a :class:`StructuredWeight`: a tensor of the layer's shape
 and dtype that holds no dense storage, only references to its factors. ``F.linear`` on it runs the
-method's factorised forward (no dense ``out×in`` matrix is built, none is saved for backward). Any other
-use (user code reading ``.weight``, ``merge``, printing) materialises the dense matrix on demand through
-the method's differentiable formula, or raises :class:`NoDenseFormError` for methods that have none.
+method's factorised forward (no dense ``out×in`` matrix is built, none is saved for backward); so do
+``torch.addmm(bias, x, weight)`` and ``x @ weight`` on the ``in×out`` weight of transformers' ``Conv1D``.
+Any other use (user code reading ``.weight``, ``merge``, printing) materialises the dense matrix on demand
+through the method's differentiable formula, or raises :class:`NoDenseFormError` for methods that have none.
 
 This is the torchao pattern for quantised weights, applied to structured ones.
 """
@@ -47,6 +48,9 @@ _METADATA_FUNCS = {
     torch.Tensor.grad_fn.__get__,
 }
 
+# ``x @ W`` on an ``in×out`` weight (transformers' Conv1D): the factorised forward, as F.linear on ``out×in``.
+_MATMUL_FUNCS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+
 
 class StructuredWeight(torch.Tensor):
     """The value of ``module.weight`` for a parametrized layer.
@@ -69,9 +73,10 @@ class StructuredWeight(torch.Tensor):
     @staticmethod
     def __new__(cls, parametrization, factors):
         reference = factors[0]
+        shape = (parametrization.out_features, parametrization.in_features)
         return torch.Tensor._make_wrapper_subclass(
             cls,
-            (parametrization.out_features, parametrization.in_features),
+            shape[::-1] if parametrization.transposed else shape,
             dtype=reference.dtype,
             device=reference.device,
             # The wrapper itself is never part of the autograd graph: gradients flow to the factors
@@ -85,8 +90,10 @@ class StructuredWeight(torch.Tensor):
         self.factors = tuple(factors)
 
     def dense(self) -> torch.Tensor:
-        """The dense ``out×in`` matrix, differentiable with respect to the factors."""
-        return self.parametrization.dense(*self.factors)
+        """The dense matrix in the module's layout (``out×in``; ``in×out`` for ``Conv1D``), differentiable
+        with respect to the factors."""
+        matrix = self.parametrization.dense(*self.factors)
+        return matrix.t() if self.parametrization.transposed else matrix
 
     def __repr__(self, *, tensor_contents=None):
         name = self.parametrization.method
@@ -102,9 +109,13 @@ class StructuredWeight(torch.Tensor):
             x = args[0] if args else kwargs.get("input")
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if isinstance(weight, StructuredWeight) and not isinstance(x, StructuredWeight):
+            if isinstance(weight, StructuredWeight) and not weight.parametrization.transposed and not isinstance(x, StructuredWeight):
                 y = weight.parametrization.linear(x, *weight.factors)
                 return y if bias is None else y + bias
+        elif func is torch.addmm or func in _MATMUL_FUNCS:
+            y = _transposed_product(func, args, kwargs)
+            if y is not None:
+                return y
         if func in _METADATA_FUNCS:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
@@ -120,3 +131,27 @@ class StructuredWeight(torch.Tensor):
             f"lsparam: operator {func} reached a StructuredWeight below autograd; "
             f"call weight.dense() first, or use lsparam.merge(model) for a plain dense model"
         )
+
+
+def _transposed_product(func, args, kwargs):
+    """``x @ W`` or ``addmm(bias, x, W)`` for an ``in×out`` structured weight ``W``, factorised; ``None`` for
+    any other combination of arguments (those see the dense matrix)."""
+    if func is torch.addmm:
+        names = ("input", "mat1", "mat2")
+        bias, x, weight = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+        beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+        if set(kwargs) - {*names, "beta", "alpha"}:  # out= and the like: leave them to the dense path
+            return None
+    else:
+        if len(args) != 2 or kwargs:
+            return None
+        (x, weight), bias = args, None
+    if not (isinstance(weight, StructuredWeight) and weight.parametrization.transposed) or isinstance(x, StructuredWeight):
+        return None
+    if x is None or x.dim() < 1:
+        return None
+    y = weight.parametrization.linear(x, *weight.factors)
+    if func is not torch.addmm:
+        return y
+    y = y if alpha == 1 else alpha * y
+    return y if beta == 0 else y + (bias if beta == 1 else beta * bias)

@@ -115,10 +115,10 @@ def test_good_configs_build():
 # ---- per-layer checks in parametrize: the model is untouched ------------------------------------
 
 
-def test_int_rank_equal_to_min_dimension_is_refused_and_model_untouched(llama):
+def test_int_rank_above_min_dimension_is_refused_and_model_untouched(llama):
     before = snapshot(llama)
-    with pytest.raises(ValueError, match=named("rank=64 gives r=64", "model.layers.0.self_attn.q_proj", "64x64")):
-        lsparam.parametrize(llama, lsparam.LowRankConfig(rank=64))
+    with pytest.raises(ValueError, match=named("rank=65 gives r=65", "model.layers.0.self_attn.q_proj", "64x64", "<= min(in, out) = 64")):
+        lsparam.parametrize(llama, lsparam.LowRankConfig(rank=65))
     assert_untouched(llama, before)
 
 
@@ -127,10 +127,10 @@ def test_rank_too_large_for_a_later_layer_leaves_earlier_layers_untouched():
     model = two_layer()
     before = snapshot(model)
     with pytest.raises(ValueError, match=named("rank=40", "'2'", "32x128", "min(in, out) = 32")):
-        lsparam.parametrize(model, lsparam.SLTrainConfig(rank=40, density=0.1))
+        lsparam.parametrize(model, lsparam.SLTrainConfig(rank=40, density=0.01))
     assert_untouched(model, before)
     # The same rank on layer '0' alone is fine: the refusal above was about layer '2'.
-    lsparam.parametrize(model, lsparam.SLTrainConfig(rank=40, density=0.1), target_modules=["0"])
+    lsparam.parametrize(model, lsparam.SLTrainConfig(rank=40, density=0.01), target_modules=["0"])
     assert set(lsparam.structured_layers(model)) == {"0"}
 
 
@@ -156,12 +156,15 @@ def test_model_that_is_not_a_module_is_refused():
         lsparam.parametrize({"weight": torch.zeros(2, 2)}, lsparam.LowRankConfig(rank=1))
 
 
-@pytest.mark.parametrize("config", [{"rank": 8}, "sltrain", lsparam.LowRankConfig], ids=["dict", "str", "class"])
+@pytest.mark.parametrize("config", [{"mlp": 8}, "sltrain", lsparam.LowRankConfig], ids=["dict", "str", "class"])
 def test_unregistered_config_is_a_type_error_listing_known_methods(llama, config):
     before = snapshot(llama)
     with pytest.raises(TypeError, match=named("registered method config", "LowRankConfig", "SLTrainConfig", "LOSTConfig")) as info:
         lsparam.parametrize(llama, config)
-    assert repr(config) in str(info.value)
+    bad = config["mlp"] if isinstance(config, dict) else config
+    assert repr(bad) in str(info.value)
+    if isinstance(config, dict):
+        assert "config['mlp']" in str(info.value)
     assert_untouched(llama, before)
 
 

@@ -438,14 +438,18 @@ def test_summary_counts_match_the_parameters(llama_factory, name):
     model = lsparam.parametrize(llama_factory(0), config, exclude_modules=["layers.1.mlp.down_proj"])
     lines = lsparam.summary(model).splitlines()
     header = re.split(r"\s{2,}", lines[0].strip())
-    assert header == ["layer", "method", "shape", "params before", "params after", "nnz"]
+    assert header == ["layer", "method", "shape", "params before", "params after", "nnz", "init error"]
     rows = [re.split(r"\s{2,}", line.strip()) for line in lines[1:-2]]
+    original = llama_factory(0)  # the same seed: the dense weights each layer replaced
     params = dict(model.named_parameters())
     structured_names = [n for n in projection_layers(model) if n != "model.layers.1.mlp.down_proj"]
     assert [row[0] for row in rows] == structured_names
     totals = [0, 0, 0]
-    for layer_name, method, shape, before, after, nnz in rows:
+    for layer_name, method, shape, before, after, nnz, init_error in rows:
         layer = model.get_submodule(layer_name)
+        w0 = original.get_submodule(layer_name).weight.detach().double()
+        relative = torch.linalg.matrix_norm(layer.weight.dense().detach().double() - w0) / torch.linalg.matrix_norm(w0)
+        assert init_error == f"{100 * relative.item():.1f}%"
         assert method == {"lowrank": "lowrank", "sltrain": "sltrain", "lost": "lost"}[name]
         assert shape == f"{layer.out_features}x{layer.in_features}"
         own = sum(p.numel() for n, p in params.items() if n.startswith(f"{layer_name}.{FACTOR}"))
@@ -463,7 +467,7 @@ def test_summary_counts_match_the_parameters(llama_factory, name):
         assert parse_count(nnz) == expected_nnz
         totals = [t + parse_count(v) for t, v in zip(totals, (before, after, nnz))]
     total = re.split(r"\s{2,}", lines[-2].strip())
-    assert total[0] == "total" and [parse_count(v) for v in total[1:]] == totals
+    assert total[0] == "total" and [parse_count(v) for v in total[1:4]] == totals
     match = re.fullmatch(r"model parameters: ([\d,]+) \(was ([\d,]+) dense; ([\d.]+)%\)", lines[-1])
     assert match, lines[-1]
     now, was, share = parse_count(match[1]), parse_count(match[2]), float(match[3])

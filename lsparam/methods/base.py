@@ -14,6 +14,7 @@ A method implements three things:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -34,6 +35,12 @@ class StructuredParametrization(nn.Module):
 
     Subclasses set ``method`` and ``factor_names`` and implement ``init_factors`` and ``dense``;
     they override ``linear`` for a factorised forward.
+
+    A method always works on the ``out×in`` weight. ``transposed`` is True when the module stores its
+    weight as ``in×out`` (transformers' ``Conv1D``, set by :func:`lsparam.parametrize`): the layer's
+    weight is then the transpose of ``dense()``. ``init_error`` is the relative Frobenius error of the
+    starting weight against the dense weight it replaced (``None`` without a dense form, or once a
+    state_dict has been loaded over the factors).
     """
 
     method: str = "structured"
@@ -46,6 +53,8 @@ class StructuredParametrization(nn.Module):
         self.out_features = int(out_features)
         self.in_features = int(in_features)
         self.layer_name = layer_name
+        self.transposed = False
+        self.init_error: float | None = None
         self._removal_value = None
         # The config, as JSON bytes: refuses loading a state_dict made with another config.
         self.register_buffer("lsparam_spec", encode_spec(self.spec()))
@@ -73,13 +82,17 @@ class StructuredParametrization(nn.Module):
     # ---- the parametrize protocol -------------------------------------------------------------
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
-            factors = self.init_factors(weight)
+            factors = self.init_factors(weight.t() if self.transposed else weight)
         return tuple(f.to(dtype=weight.dtype, device=weight.device).contiguous() for f in factors)
 
     def forward(self, *factors: torch.Tensor) -> StructuredWeight:
         if self._removal_value is not None:  # see remove_structured_weight
             return self._removal_value
         return StructuredWeight(self, factors)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.init_error = None  # the factors no longer come from the weight they were measured against
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, shape=({self.out_features}, {self.in_features})"
@@ -117,6 +130,10 @@ def _check_spec_on_load(module, state_dict, prefix, *args, **kwargs):
     if stored != expected:
         try:
             stored_obj, expected_obj = json.loads(stored), json.loads(expected)
+            _fill_new_config_fields(stored_obj, expected_obj, module.config)
+            if stored_obj == expected_obj:  # the same config, saved before its newest fields existed
+                state_dict[key] = encode_spec(module.spec())
+                return
             diff = _describe_difference(stored_obj, expected_obj)
         except ValueError:
             diff = f"stored {stored!r}"
@@ -125,6 +142,21 @@ def _check_spec_on_load(module, state_dict, prefix, *args, **kwargs):
             f"was made with another lsparam config: {diff}. Parametrize the model with the same config "
             f"before loading."
         )
+
+
+def _fill_new_config_fields(stored: dict, expected: dict, config) -> None:
+    """Give a spec saved before a config field existed that field's default, when the model uses the default.
+
+    A checkpoint of an earlier lsparam then loads into a model built with the same settings, and is still
+    refused when the model sets the new field to anything else.
+    """
+    stored_fields, expected_fields = stored.get("config"), expected.get("config")
+    if not (isinstance(stored_fields, dict) and isinstance(expected_fields, dict) and dataclasses.is_dataclass(config)):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    for name, value in expected_fields.items():
+        if name not in stored_fields and name in defaults and defaults[name] == value:
+            stored_fields[name] = value
 
 
 def _describe_difference(stored: dict, expected: dict) -> str:

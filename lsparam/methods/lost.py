@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lsparam.config import LOSTConfig, resolve_rank
+from lsparam.config import DENSE_INIT, LOSTConfig, resolve_rank
 from lsparam.methods.base import StructuredParametrization, no_dense_form
 from lsparam.methods.svd import balanced_factors, svd
 
@@ -86,6 +86,8 @@ class LOSTParametrization(StructuredParametrization):
         return self.channels.numel() * self.out_features
 
     def init_factors(self, weight):
+        if self.config.init == DENSE_INIT:
+            return self._closest_factors(weight)
         U, S, Vh = svd(weight)
         B, A = balanced_factors(U, S, Vh, self.rank)
         original = weight.detach().to(B.dtype)
@@ -94,11 +96,35 @@ class LOSTParametrization(StructuredParametrization):
         else:
             window = slice(self.rank, self.rank + self.config.residual_window)
             residual = (U[:, window] * S[window]) @ Vh[window]
-        scores = residual.norm(dim=0)
-        channels = scores.topk(self.channels.numel()).indices.sort().values
-        self.channels.copy_(channels)
+        channels = self._keep_channels(residual)
         source = original if self.config.sparse_init == "original" else residual
         return B, A, source[:, channels]
+
+    def _closest_factors(self, weight):
+        """``init="dense"``: ``γ·B A`` is the top-r SVD of ``weight`` and ``(1 − γ)·W_s`` the residual on the
+        channels where it is largest, so the layer starts as close to ``weight`` as low-rank alone or closer.
+
+        With γ = 0 the low-rank path contributes nothing (the channels are chosen on ``weight`` itself); with
+        γ = 1 the sparse path contributes nothing (``W_s`` then holds the unscaled residual, which the forward
+        multiplies by 0).
+        """
+        gamma = self.gamma
+        B, A = balanced_factors(*svd(weight), self.rank)
+        original = weight.detach().to(B.dtype)
+        if gamma > 0.0:
+            residual = original - B @ A
+            B, A = B / math.sqrt(gamma), A / math.sqrt(gamma)  # γ·B A is the truncated SVD
+        else:
+            residual = original
+        channels = self._keep_channels(residual)
+        sparse = residual[:, channels]
+        return B, A, sparse / (1.0 - gamma) if gamma < 1.0 else sparse
+
+    def _keep_channels(self, residual):
+        """The ``m`` input channels of largest residual column norm, sorted, stored in the ``channels`` buffer."""
+        channels = residual.norm(dim=0).topk(self.channels.numel()).indices.sort().values
+        self.channels.copy_(channels)
+        return channels
 
     def dense(self, B, A, sparse):
         if not self.has_dense_form:
