@@ -7,7 +7,7 @@
 torch.Size([3, 64])
 """
 
-from lsparam.api import merge, parametrize, structured_layers, summary
+from lsparam.api import NoSavingWarning, merge, parametrize, structured_layers, summary
 from lsparam.config import LOSTConfig, LowRankConfig, SLTrainConfig
 from lsparam import optim
 from lsparam.methods import register_method
@@ -21,6 +21,7 @@ __all__ = [
     "LOSTConfig",
     "LowRankConfig",
     "NoDenseFormError",
+    "NoSavingWarning",
     "SLTrainConfig",
     "StructuredParametrization",
     "StructuredWeight",

@@ -105,7 +105,8 @@ def select_linear_layers(model: nn.Module, target_modules=ALL_LINEAR, exclude_mo
     """
     _check_rule("target_modules", target_modules)
     _check_rule("exclude_modules", exclude_modules)
-    named = [(name, m) for name, m in model.named_modules() if name]
+    # the factors' own modules (``x.parametrizations.weight.0``) are not layers of the model
+    named = [(name, m) for name, m in model.named_modules() if name and "parametrizations" not in name.split(".")]
     _check_list_entries("target_modules", target_modules, named)
     _check_list_entries("exclude_modules", exclude_modules, named)
     attention_outputs = attention_out_projections(model)

@@ -112,14 +112,17 @@ def configs(methods=("lowrank", "sltrain", "lost")):
             sparse_backend=st.sampled_from(["auto", "gather", "csr", "scatter"]),
             init=st.sampled_from(["random", "dense"]),
         ),
-        "lost": st.builds(
-            LOSTConfig,
-            rank=rank,
-            channel_ratio=st.floats(0.01, 1.0),
-            gamma=fraction,
-            activation=st.sampled_from([None, "silu"]),
-            residual_window=st.one_of(st.none(), st.integers(1, 4)),
-            sparse_init=st.sampled_from(["original", "residual"]),
+        "lost": st.one_of(
+            st.builds(
+                LOSTConfig,
+                rank=rank,
+                channel_ratio=st.floats(0.01, 1.0),
+                gamma=fraction,
+                activation=st.sampled_from([None, "silu"]),
+                residual_window=st.one_of(st.none(), st.integers(1, 4)),
+                sparse_init=st.sampled_from(["original", "residual"]),
+            ),
+            st.builds(LOSTConfig, rank=rank, channel_ratio=st.floats(0.01, 1.0), gamma=fraction, init=st.just("dense")),
         ),
     }
     return st.one_of(*(strategies[m] for m in methods))
