@@ -249,7 +249,8 @@ def assert_decomposition(module: nn.Module, *, atol: float = 1e-8, rtol: float =
     1. the materialised weight equals the method's formula computed independently;
     2. the forward equals ``x`` times the formula, and its gradients (input and factors) equal autograd
        through the formula; with ``gradcheck``, ``torch.autograd.gradcheck`` on the forward too;
-    3. ``merge`` reproduces the materialised weight and the forward exactly (methods with a dense form);
+    3. ``merge`` gives back the layer's own class and reproduces the materialised weight and the forward
+       exactly (methods with a dense form);
     4. parameter counts (``r(in+out) + nnz``, ``r(in+out) + m·out``) and support invariants (SLTrain:
        ``floor(δ·out·in)`` unique sorted int32 indices regenerated from the seed; LOST: ``m`` sorted channels).
 
@@ -272,11 +273,13 @@ def assert_decomposition(module: nn.Module, *, atol: float = 1e-8, rtol: float =
         expected_weight = reference_weight(p, factors)
         weight = layer64.weight
         if expected_weight is not None:
-            _close(weight.dense(), expected_weight, "materialised weight", name, atol, rtol)
+            materialised = weight.dense().t() if p.transposed else weight.dense()  # the method's out×in
+            _close(materialised, expected_weight, "materialised weight", name, atol, rtol)
 
         x = torch.randn(2, tokens, p.in_features, dtype=torch.float64, generator=generator, requires_grad=True)
         upstream = torch.randn(2, tokens, p.out_features, dtype=torch.float64, generator=generator)
-        y = F.linear(x, weight)
+        # the product the module's own forward uses: F.linear, or x @ W for an in×out (Conv1D) weight
+        y = x @ weight if p.transposed else F.linear(x, weight)
         ref_x = x.detach().clone().requires_grad_(True)
         ref_factors = tuple(f.detach().clone().requires_grad_(True) for f in factors)
         y_ref = reference_forward(p, ref_factors, ref_x)
@@ -294,9 +297,10 @@ def assert_decomposition(module: nn.Module, *, atol: float = 1e-8, rtol: float =
                 raise AssertionError(f"layer {name!r}: gradcheck of the factorised forward failed")
 
         if p.has_dense_form:
+            original_type = torch.nn.utils.parametrize.type_before_parametrizations(layer64)
             merged = merge(copy.deepcopy(layer64))
-            if type(merged) is not nn.Linear:
-                raise AssertionError(f"layer {name!r}: merge did not give a plain nn.Linear")
+            if type(merged) is not original_type:
+                raise AssertionError(f"layer {name!r}: merge did not give a plain {original_type.__name__}")
             _close(merged.weight, weight.dense(), "merged weight", name, 0.0, 0.0)
             with torch.no_grad():
                 expected = y if layer64.bias is None else y + layer64.bias

@@ -89,3 +89,10 @@ def test_full_rank_dense_init_reproduces_a_conv1d():
         model = lsparam.parametrize(conv1d_model(), lsparam.LOSTConfig(rank=10, init="dense"))
     x = torch.randn(4, 12, dtype=torch.float64)
     torch.testing.assert_close(model(x), original(x))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_decomposition_checker_accepts_conv1d_layers(name):
+    from lsparam.testing import assert_decomposition
+
+    assert_decomposition(lsparam.parametrize(conv1d_model(), CONFIGS[name]))
