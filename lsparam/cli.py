@@ -22,8 +22,8 @@ COLUMNS_HELP = """columns (GiB, 1 GiB = 2^30 bytes):
 
 
 def _memory_command(args) -> int:
-    from lsparam.memory import METHODS, estimate, method_config
-    from lsparam.llama_sizes import llama_config
+    from lsparam.memory import estimate
+    from lsparam.presets import METHODS, llama_config, method_config
 
     if args.model.endswith(".json"):
         from transformers import AutoConfig
@@ -61,8 +61,7 @@ def _memory_command(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lsparam.llama_sizes import LLAMA_SIZES
-    from lsparam.memory import METHODS
+    from lsparam.presets import LLAMA_SIZES, METHODS
 
     parser = argparse.ArgumentParser(prog="lsparam", description="lsparam command line tools")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -21,8 +21,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from lsparam.api import parametrize, structured_layers
-from lsparam.config import LOSTConfig, LowRankConfig, SLTrainConfig
-from lsparam.llama_sizes import LLAMA_SIZES, llama_config
+from lsparam.config import SLTrainConfig
+from lsparam.presets import METHODS, llama_config, method_config
 from lsparam.methods.lost import LOSTParametrization
 from lsparam.methods.sltrain import SLTrainParametrization
 from lsparam.sparse.matmul import resolve_backend
@@ -30,39 +30,6 @@ from lsparam.sparse.matmul import resolve_backend
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # full-size states per parameter (sgd: momentum)
 _LOWBIT_BLOCK = {8: 256, 4: 128}  # torchao's block sizes
-METHODS = ("full", "lowrank", "sltrain", "lost", "lost-silu")
-
-# The papers' per-size settings (METHODS.md): rank, SLTrain density and alpha.
-_PAPER_RANK = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
-_PAPER_DENSITY = {"llama_7b": 0.05}
-_PAPER_ALPHA = {"llama_60m": 32.0, "llama_130m": 16.0, "llama_350m": 16.0, "llama_1b": 8.0, "llama_7b": 8.0}
-
-
-def method_config(method: str, size: str | None = None):
-    """The config ``method`` stands for (papers' per-size defaults when ``size`` is a known LLaMA size).
-
-    >>> method_config("sltrain", "llama_60m")
-    SLTrainConfig(rank=128, density=0.03, alpha=32.0, seed=0, sparse_backend='auto', init='random')
-    >>> method_config("full") is None
-    True
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)} or a config object; got method={method!r}")
-    if method == "full":
-        return None
-    rank = _PAPER_RANK.get(size)
-    if rank is None and size in LLAMA_SIZES:
-        rank = LLAMA_SIZES[size][0] // 4
-    rank = rank or 0.25
-    if method == "lowrank":
-        return LowRankConfig(rank=rank)
-    if method == "sltrain":
-        return SLTrainConfig(rank=rank, density=_PAPER_DENSITY.get(size, 0.03), alpha=_PAPER_ALPHA.get(size, 32.0))
-    # LOST: CoLA's r = d_model / 4 (METHODS.md), 5% of channels, gamma 0.5
-    lost_rank = LLAMA_SIZES[size][0] // 4 if size in LLAMA_SIZES else 0.25
-    return LOSTConfig(rank=lost_rank, activation="silu" if method == "lost-silu" else None)
-
-
 @dataclass
 class MemoryBreakdown:
     """Bytes of one training step, by kind. ``total`` is the modelled peak (see ``peak_phase``).
@@ -218,7 +185,7 @@ def estimate(
     """Predict the memory of one training step, by kind.
 
     Args:
-        model_or_config: a ``transformers`` config, a size name from ``lsparam.llama_sizes`` (e.g.
+        model_or_config: a ``transformers`` config, a size name from ``lsparam.presets`` (e.g.
             ``"llama_7b"``), or a model (parametrized or not; counted as it is).
         method: ``None``/``"full"``, ``"lowrank"``, ``"sltrain"``, ``"lost"``, ``"lost-silu"`` (papers'
             per-size defaults) or a config object. Ignored for a model that is already parametrized.

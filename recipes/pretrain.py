@@ -7,7 +7,7 @@
 The model is ``LlamaForCausalLM(config)`` from ``recipes/configs/<model>.json`` (or a path to a config
 JSON) with ``vocab_size`` taken from the tokenizer; ``--method`` turns its decoder's linear layers into
 structured weights with ``lsparam.parametrize`` and the papers' per-size defaults
-(``lsparam.memory.method_config``); every knob has a flag. The optimizer is AdamW inside
+(``lsparam.presets.method_config``); every knob has a flag. The optimizer is AdamW inside
 ``lsparam.optim.LeanOptimizer`` (or GaLore's AdamW for ``--method galore``); the schedule is linear warmup
 then cosine to ``--min-lr-ratio`` of the peak. Everything a run writes goes to ``--out``:
 ``metrics.jsonl``, ``summary.json``, ``loss.png`` and ``checkpoints/step_*``. docs/recipes.md has every
@@ -58,12 +58,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lsparam.presets import DEFAULT_LR
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `recipes.data`, `recipes.plot` from a source checkout
 CONFIGS = Path(__file__).resolve().parent / "configs"
 METHODS = ("full", "lowrank", "sltrain", "lost", "lost-silu", "galore")
-# Peak learning rates: the papers' (full-rank AdamW 1e-3, SLTrain 3e-3, GaLore 1e-2); LOST and low-rank as SLTrain.
-DEFAULT_LR = {"full": 1e-3, "lowrank": 3e-3, "sltrain": 3e-3, "lost": 3e-3, "lost-silu": 3e-3, "galore": 1e-2}
 KNOBS = {  # flag dest -> (config field, methods that have it)
     "rank": ("rank", ("lowrank", "sltrain", "lost", "lost-silu", "galore")),
     "density": ("density", ("sltrain",)),
@@ -257,16 +257,15 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
 
 # ---- setup -----------------------------------------------------------------------------------------
 def model_size_name(config) -> str | None:
-    """The llama_sizes name whose shape this config has (for the papers' per-size defaults), else None."""
-    from lsparam.llama_sizes import LLAMA_SIZES
+    """The lsparam.presets size whose shape this config has (for the papers' per-size defaults), else None."""
+    from lsparam.presets import size_of
 
-    shape = (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads)
-    return next((name for name, dims in LLAMA_SIZES.items() if tuple(dims) == shape), None)
+    return size_of(config)
 
 
 def method_settings(args, size: str | None):
     """The lsparam config (or GaLore's settings dict) for --method at this size, with flag overrides."""
-    from lsparam.memory import method_config
+    from lsparam.presets import method_config
 
     overrides = {KNOBS[d][0]: getattr(args, d) for d in KNOBS if getattr(args, d) is not None}
     if args.method == "full":

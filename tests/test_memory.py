@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lsparam
 from lsparam.cli import main
-from lsparam.memory import _storage_bytes, estimate, measure, method_config
+from lsparam.memory import _storage_bytes, estimate, measure
+from lsparam.presets import method_config
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)

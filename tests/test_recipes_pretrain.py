@@ -282,7 +282,7 @@ def test_size_parsing_and_shipped_configs():
                                                                                     200_000, 1_100_000]
     from transformers import LlamaConfig
 
-    from lsparam.llama_sizes import LLAMA_SIZES, VOCAB_SIZE
+    from lsparam.presets import LLAMA_SIZES, VOCAB_SIZE
 
     for name, (hidden, intermediate, layers, heads) in LLAMA_SIZES.items():
         config = LlamaConfig.from_json_file(str(ROOT / "recipes" / "configs" / f"{name}.json"))

@@ -32,8 +32,8 @@ def one_run(size: str, method: str, bits: int, per_layer: bool, batch_size: int,
     from transformers import AutoModelForCausalLM
 
     import lsparam
-    from lsparam.llama_sizes import llama_config
-    from lsparam.memory import estimate, measure, method_config
+    from lsparam.memory import estimate, measure
+    from lsparam.presets import llama_config, method_config
 
     torch.manual_seed(0)
     config = llama_config(size)

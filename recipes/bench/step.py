@@ -38,8 +38,7 @@ def build_step(size: str, method: str, optimizer: str, compiled: bool, args):
     from transformers import AutoModelForCausalLM
 
     import lsparam
-    from lsparam.llama_sizes import llama_config
-    from lsparam.memory import method_config
+    from lsparam.presets import llama_config, method_config
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

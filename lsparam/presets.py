@@ -1,0 +1,103 @@
+"""LLaMA sizes and the papers' per-size settings, in one table.
+
+The SLTrain, LOST and GaLore papers train the same LLaMA shapes (vocabulary 32000, the T5 tokenizer);
+``llama_9m`` and ``llama_20m`` are CPU-sized additions. The recipes, the memory ledger and the benchmarks
+take their defaults from here.
+
+>>> llama_config("llama_60m").hidden_size
+512
+>>> method_config("sltrain", "llama_60m")
+SLTrainConfig(rank=128, density=0.03, alpha=32.0, seed=0, sparse_backend='auto', init='random')
+"""
+
+from __future__ import annotations
+
+from lsparam.config import LOSTConfig, LowRankConfig, SLTrainConfig
+
+# name: (hidden, intermediate, layers, heads)
+LLAMA_SIZES = {
+    "llama_9m": (128, 352, 4, 4),
+    "llama_20m": (256, 688, 4, 4),
+    "llama_60m": (512, 1376, 8, 8),
+    "llama_130m": (768, 2048, 12, 12),
+    "llama_350m": (1024, 2736, 24, 16),
+    "llama_1b": (2048, 5461, 24, 32),
+    "llama_7b": (4096, 11008, 32, 32),
+}
+VOCAB_SIZE = 32000
+
+# The method names the recipes, the ledger and the benchmarks understand ("full": no parametrization).
+METHODS = ("full", "lowrank", "sltrain", "lost", "lost-silu")
+
+# SLTrain's scripts per size: rank, density, alpha (GaLore's ranks are the same). Sizes not listed here
+# (the CPU-sized ones) use rank hidden/4, density 0.03, alpha 32.
+PAPER_SLTRAIN = {
+    "llama_60m": dict(rank=128, density=0.03, alpha=32.0),
+    "llama_130m": dict(rank=256, density=0.03, alpha=16.0),
+    "llama_350m": dict(rank=256, density=0.03, alpha=16.0),
+    "llama_1b": dict(rank=512, density=0.03, alpha=8.0),
+    "llama_7b": dict(rank=1024, density=0.05, alpha=8.0),
+}
+
+# Peak learning rates: the papers' (full-rank AdamW 1e-3, SLTrain 3e-3, GaLore 1e-2); LOST and low-rank as
+# SLTrain (LOST's were not published).
+DEFAULT_LR = {"full": 1e-3, "lowrank": 3e-3, "sltrain": 3e-3, "lost": 3e-3, "lost-silu": 3e-3, "galore": 1e-2}
+
+
+def llama_config(name: str, **overrides):
+    """A ``transformers.LlamaConfig`` for one of :data:`LLAMA_SIZES` (no download).
+
+    >>> llama_config("llama_9m", num_hidden_layers=1).num_hidden_layers
+    1
+    """
+    from transformers import LlamaConfig
+
+    if name not in LLAMA_SIZES:
+        raise ValueError(f"unknown model size {name!r}; valid: {sorted(LLAMA_SIZES)}")
+    hidden, intermediate, layers, heads = LLAMA_SIZES[name]
+    settings = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def size_of(config) -> str | None:
+    """The :data:`LLAMA_SIZES` name whose shape a ``LlamaConfig`` has, else ``None``.
+
+    >>> size_of(llama_config("llama_130m")), size_of(llama_config("llama_130m", num_hidden_layers=2))
+    ('llama_130m', None)
+    """
+    shape = (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads)
+    return next((name for name, dims in LLAMA_SIZES.items() if tuple(dims) == shape), None)
+
+
+def method_config(method: str, size: str | None = None):
+    """The config ``method`` stands for: the papers' per-size settings when ``size`` is a known LLaMA size.
+
+    Low-rank and SLTrain take SLTrain's per-size rank; LOST takes CoLA's ``r = hidden / 4`` with 5% of the
+    channels and γ = 0.5. Without a known size the rank is a quarter of each layer. ``"full"`` is ``None``.
+
+    >>> method_config("lost-silu", "llama_60m").rank, method_config("lowrank").rank
+    (128, 0.25)
+    >>> method_config("full") is None
+    True
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}; got method={method!r}")
+    if method == "full":
+        return None
+    quarter = LLAMA_SIZES[size][0] // 4 if size in LLAMA_SIZES else 0.25
+    sltrain = PAPER_SLTRAIN.get(size, dict(rank=quarter, density=0.03, alpha=32.0))
+    if method == "lowrank":
+        return LowRankConfig(rank=sltrain["rank"])
+    if method == "sltrain":
+        return SLTrainConfig(**sltrain)
+    return LOSTConfig(rank=quarter, activation="silu" if method == "lost-silu" else None)
