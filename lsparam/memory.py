@@ -12,7 +12,6 @@ and the Python heap blur.
 from __future__ import annotations
 
 import gc
-import math
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -21,15 +20,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from lsparam.api import parametrize, structured_layers
-from lsparam.config import SLTrainConfig
+from lsparam.optim.lowbit import state_bytes
 from lsparam.presets import METHODS, llama_config, method_config
-from lsparam.methods.lost import LOSTParametrization
-from lsparam.methods.sltrain import SLTrainParametrization
-from lsparam.sparse.matmul import resolve_backend
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # full-size states per parameter (sgd: momentum)
-_LOWBIT_BLOCK = {8: 256, 4: 128}  # torchao's block sizes
 @dataclass
 class MemoryBreakdown:
     """Bytes of one training step, by kind. ``total`` is the modelled peak (see ``peak_phase``).
@@ -74,38 +69,9 @@ class MemoryBreakdown:
 
 
 # ---- counting ------------------------------------------------------------------------------------
-def _state_bytes(numel: int, state_bits: int, param_bytes: int, per_state: int) -> int:
-    """Bytes of ``per_state`` optimizer states for one tensor, as torchao (or torch) stores them."""
-    if state_bits == 32:
-        return per_state * numel * param_bytes  # torch keeps states in the parameter's dtype
-    block = _LOWBIT_BLOCK[state_bits]
-    if numel < 4096:
-        return per_state * numel * param_bytes  # torchao keeps small tensors in full precision
-    padded = math.ceil(numel / block) * block  # LeanOptimizer pads the rest to a whole block
-    return per_state * (padded * state_bits // 8 + (padded // block) * 4)
-
-
 def _index_bytes(model: nn.Module, param_dtype: torch.dtype) -> int:
-    """Sparse-index bytes held in memory: SLTrain's int32 CSR arrays (and the transpose the gather and
-    CSR paths build for backward), LOST's int64 channel list."""
-    total = 0
-    for _, parametrization in structured_layers(model).values():
-        if isinstance(parametrization, SLTrainParametrization):
-            nnz, (out_f, in_f) = parametrization.support.nnz, parametrization.support.shape
-            total += 4 * (nnz + out_f + 1)
-            path = _cpu_path(parametrization.config, param_dtype)
-            if path in ("csr", "gather"):
-                total += 4 * (2 * nnz + in_f + 1)  # the transposed CSR arrays and their permutation
-        elif isinstance(parametrization, LOSTParametrization):
-            total += 8 * parametrization.channels.numel()
-    return total
-
-
-def _cpu_path(config: SLTrainConfig, param_dtype: torch.dtype) -> str:
-    """SLTrain's sparse path on a CPU run in ``param_dtype``."""
-    if config.sparse_backend == "auto":
-        return resolve_backend("auto", torch.device("cpu"), param_dtype, config.density)
-    return config.sparse_backend
+    """Index bytes each parametrization reports for a CPU run in ``param_dtype`` (supports, channels)."""
+    return sum(p.index_bytes("cpu", param_dtype) for _, p in structured_layers(model).values())
 
 
 class _SavedTensorCounter:
@@ -237,7 +203,7 @@ def estimate(
     breakdown.parameter_count = sum(p.numel() for p in model.parameters())
     breakdown.parameters = breakdown.parameter_count * itemsize
     per_state = _OPTIMIZER_STATES[optimizer]
-    breakdown.optimizer_states = sum(_state_bytes(p.numel(), state_bits, itemsize, per_state) for p in trainable)
+    breakdown.optimizer_states = sum(state_bytes(p.numel(), state_bits, itemsize, per_state) for p in trainable)
     breakdown.sparse_indices = _index_bytes(model, dtype)
     largest = max((p.numel() for p in trainable), default=0)
     breakdown.gradients = (largest if per_layer else sum(p.numel() for p in trainable)) * itemsize

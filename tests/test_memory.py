@@ -172,3 +172,26 @@ def test_cli_help_explains_every_column(capsys):
     text = capsys.readouterr().out
     for column in ("params(M)", "weights", "grads", "states", "indices", "activations", "paper", "peak"):
         assert column in text
+
+
+def test_each_parametrization_reports_the_index_bytes_it_really_holds():
+    """Counted from the tensors themselves after a forward and backward (the gather path builds its
+    transposed support there), not from the formula the method uses."""
+    torch.manual_seed(0)
+    for config in (lsparam.SLTrainConfig(rank=4, density=0.05, sparse_backend="gather"),
+                   lsparam.LOSTConfig(rank=4, channel_ratio=0.1), lsparam.LowRankConfig(rank=4)):
+        layer = lsparam.parametrize(torch.nn.Linear(64, 48), config, target_modules=None)
+        layer(torch.randn(3, 64)).sum().backward()
+        p = layer.parametrizations.weight[0]
+        held = sum(b.numel() * b.element_size() for name, b in p.named_buffers() if name != "lsparam_spec")
+        if hasattr(p, "support"):
+            held += sum(t.numel() * t.element_size() for t in p.support.transposed())
+        assert p.index_bytes("cpu", torch.float32) == held, type(config).__name__
+
+
+def test_every_built_in_factor_has_a_role():
+    layer = lsparam.parametrize(torch.nn.Linear(16, 16), lsparam.SLTrainConfig(rank=2, density=0.1), target_modules=None)
+    p = layer.parametrizations.weight[0]
+    assert dict(zip(p.factor_names, p.roles())) == {"B": "lowrank_out", "A": "lowrank_in", "values": "sparse"}
+    shapes = {role: tuple(getattr(layer.parametrizations.weight, f"original{i}").shape) for i, role in enumerate(p.roles())}
+    assert shapes == {"lowrank_out": (16, 2), "lowrank_in": (2, 16), "sparse": (25,)}

@@ -33,8 +33,11 @@ class StructuredParametrization(nn.Module):
         out_features, in_features: the layer's weight shape.
         layer_name: the layer's qualified name in the model (seeds random supports).
 
-    Subclasses set ``method`` and ``factor_names`` and implement ``init_factors`` and ``dense``;
-    they override ``linear`` for a factorised forward.
+    Subclasses set ``method``, ``factor_names`` and ``factor_roles`` and implement ``init_factors`` and
+    ``dense``; they override ``linear`` for a factorised forward. A role says what a factor is to code
+    that treats factors alike across methods (optimizers, ledgers, reports): ``"lowrank_out"`` (``B``,
+    ``out×r``), ``"lowrank_in"`` (``A``, ``r×in``), ``"sparse"`` (the sparse part's values), or
+    ``"other"``.
 
     A method always works on the ``out×in`` weight. ``transposed`` is True when the module stores its
     weight as ``in×out`` (transformers' ``Conv1D``, set by :func:`lsparam.parametrize`): the layer's
@@ -45,6 +48,7 @@ class StructuredParametrization(nn.Module):
 
     method: str = "structured"
     factor_names: tuple[str, ...] = ()
+    factor_roles: tuple[str, ...] = ()  # one per factor name; "other" where a subclass leaves it empty
     has_dense_form: bool = True
 
     def __init__(self, config, out_features: int, in_features: int, layer_name: str = ""):
@@ -78,6 +82,17 @@ class StructuredParametrization(nn.Module):
     def nnz(self) -> int:
         """Entries of the sparse part (0 for methods without one)."""
         return 0
+
+    def index_bytes(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of index tensors the method keeps in memory beside its factors (sparse supports, kept
+        channels), including caches its forward or backward builds on the path it takes for inputs of this
+        ``device`` and ``dtype``; 0 for methods without any."""
+        return 0
+
+    def roles(self) -> tuple[str, ...]:
+        """The role of each factor, in ``factor_names`` order."""
+        count = len(self.factor_names)
+        return tuple(self.factor_roles) if len(self.factor_roles) == count else ("other",) * count
 
     # ---- the parametrize protocol -------------------------------------------------------------
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -73,6 +73,7 @@ class LOSTParametrization(StructuredParametrization):
 
     method = "lost"
     factor_names = ("B", "A", "sparse")
+    factor_roles = ("lowrank_out", "lowrank_in", "sparse")
 
     def __init__(self, config: LOSTConfig, out_features: int, in_features: int, layer_name: str = ""):
         self.rank = resolve_rank(config.rank, out_features, in_features, layer=layer_name)
@@ -84,6 +85,9 @@ class LOSTParametrization(StructuredParametrization):
 
     def nnz(self) -> int:
         return self.channels.numel() * self.out_features
+
+    def index_bytes(self, device="cpu", dtype=torch.float32) -> int:
+        return self.channels.numel() * self.channels.element_size()
 
     def init_factors(self, weight):
         if self.config.init == DENSE_INIT:

@@ -18,6 +18,7 @@ class LowRankParametrization(StructuredParametrization):
 
     method = "lowrank"
     factor_names = ("B", "A")
+    factor_roles = ("lowrank_out", "lowrank_in")
 
     def __init__(self, config: LowRankConfig, out_features: int, in_features: int, layer_name: str = ""):
         self.rank = resolve_rank(config.rank, out_features, in_features, layer=layer_name)

@@ -80,6 +80,7 @@ class SLTrainParametrization(StructuredParametrization):
 
     method = "sltrain"
     factor_names = ("B", "A", "values")
+    factor_roles = ("lowrank_out", "lowrank_in", "sparse")
 
     def __init__(
         self, config: SLTrainConfig, out_features: int, in_features: int, layer_name: str = "", *, on_meta: bool = False
@@ -118,6 +119,18 @@ class SLTrainParametrization(StructuredParametrization):
 
     def nnz(self) -> int:
         return self.support.nnz
+
+    def index_bytes(self, device="cpu", dtype=torch.float32) -> int:
+        """The CSR arrays, plus the transposed CSR and its permutation the gather and CSR paths build for
+        backward (all int32)."""
+        (out_features, in_features), nnz = self.support.shape, self.support.nnz
+        total = 4 * (nnz + out_features + 1)
+        backend = self.config.sparse_backend
+        if backend == "auto":
+            backend = resolve_backend("auto", torch.device(device), dtype, self.config.density)
+        if backend in ("csr", "gather"):
+            total += 4 * (2 * nnz + in_features + 1)
+        return total
 
     def init_factors(self, weight):
         if self.config.init == "random":

@@ -23,7 +23,13 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from lsparam.optim.lowbit import default_block_size, lowbit_optimizer_class, state_from_plain, state_to_plain
+from lsparam.optim.lowbit import (
+    MIN_LOWBIT_NUMEL,
+    default_block_size,
+    lowbit_optimizer_class,
+    state_from_plain,
+    state_to_plain,
+)
 
 _STATE_BITS = (32, 8, 4)
 
@@ -125,14 +131,16 @@ class LeanOptimizer(torch.optim.Optimizer):
                 for options in self.param_groups
                 for p in options["params"]
             ]
-            self._hooks = [p.register_post_accumulate_grad_hook(self._per_layer_hook(i)) for i, p in enumerate(self._params)]
+            for i, p in enumerate(self._params):
+                p.register_post_accumulate_grad_hook(self._per_layer_hook(i))
         else:
             # one inner optimizer, with every group's options
             stepped = [{**options, "params": [target_of[id(p)] for p in options["params"]]} for options in self.param_groups]
             self._inner = [inner_cls(stepped, **self.defaults)]
             # proxied parameters pass each gradient on to their proxy as soon as it is accumulated, so
             # clipping, loss scalers (GradScaler.unscale_) and the update all see it in param_groups
-            self._hooks = [p.register_post_accumulate_grad_hook(self._move_gradient) for p, _ in self._proxies.values()]
+            for p, _ in self._proxies.values():
+                p.register_post_accumulate_grad_hook(self._move_gradient)
         # The wrapper's groups ARE the inner optimizers' groups: a scheduler edits what the updates use.
         self.param_groups = [group for inner in self._inner for group in inner.param_groups]
 
@@ -151,7 +159,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             # quantises each shard itself, by its own size rule
             return param
         block = self.defaults.get("block_size", default_block_size(inner_cls))
-        if param.numel() < 4096 or param.numel() % block == 0:
+        if param.numel() < MIN_LOWBIT_NUMEL or param.numel() % block == 0:
             return param  # torchao's own rule: small tensors keep full-precision state
         padded = torch.zeros(math.ceil(param.numel() / block) * block, dtype=param.dtype, device=param.device)
         padded[: param.numel()].copy_(param.detach().reshape(-1))
@@ -225,12 +233,6 @@ class LeanOptimizer(torch.optim.Optimizer):
         if self._micro_steps[None] % self.accumulation_steps == 0:
             for t in self._targets:
                 t.grad = None if set_to_none else (t.grad.zero_() if t.grad is not None else None)
-
-    def remove_hooks(self) -> None:
-        """Detach the per-layer hooks (the model then trains with ordinary ``step`` calls only)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,8 +1,31 @@
-"""torchao's low-bit optimizers, and their states as plain tensors for ``weights_only`` checkpoints."""
+"""torchao's low-bit optimizers: which tensors get low-bit states and their size, and the states as plain
+tensors for ``weights_only`` checkpoints."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+# torchao's block sizes (its constructors' defaults) and the size below which it keeps states in full
+# precision. The memory ledger and LeanOptimizer both follow these, from here.
+LOWBIT_BLOCK = {8: 256, 4: 128}
+MIN_LOWBIT_NUMEL = 4096
+
+
+def state_bytes(numel: int, state_bits: int, param_bytes: int, per_state: int) -> int:
+    """Bytes of ``per_state`` optimizer states of one ``numel``-element tensor under LeanOptimizer: in the
+    parameter's dtype at 32 bits and for small tensors; else ``state_bits`` per element (padded to whole
+    blocks, as LeanOptimizer pads) plus a 4-byte scale per block.
+
+    >>> state_bytes(4096, 8, 4, 2), state_bytes(100, 8, 4, 2)
+    (8320, 800)
+    """
+    if state_bits == 32 or numel < MIN_LOWBIT_NUMEL:
+        return per_state * numel * param_bytes
+    block = LOWBIT_BLOCK[state_bits]
+    padded = math.ceil(numel / block) * block
+    return per_state * (padded * state_bits // 8 + (padded // block) * 4)
 
 
 def _torchao_classes():
