@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lsparam.api import structured_layers
+from lsparam.extras import require
 from lsparam.io import (  # noqa: F401  (re-exported for Trainer users)
     LSPARAM_CONFIG_NAME,
     dense_state_dict,
@@ -111,11 +112,8 @@ class TrainerLeanOptimizer(LeanOptimizer):
 
 
 def _check_training_args(args) -> None:
-    try:
-        from transformers import TrainingArguments
-    except ImportError:  # pragma: no cover
-        TrainingArguments = None
-    if TrainingArguments is not None and not isinstance(args, TrainingArguments):
+    TrainingArguments = require("transformers", "hf", "lsparam.hf").TrainingArguments
+    if not isinstance(args, TrainingArguments):
         raise TypeError(f"args must be a transformers.TrainingArguments; got {type(args).__name__}")
 
 

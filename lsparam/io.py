@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lsparam.api import parametrize, require_dense_form, structured_layers
+from lsparam.extras import require
 from lsparam.methods import registered_methods
 from lsparam.methods.base import decode_spec
 
@@ -268,8 +269,7 @@ def load_parametrized(save_directory, model_cls=None, *, dtype: torch.dtype | st
         >>> torch.equal(restored(ids).logits, model(ids).logits)
         True
     """
-    import transformers
-
+    transformers = require("transformers", "hf", "load_parametrized")
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"save_directory must be a path; got {type(save_directory).__name__}")
     directory = os.fspath(save_directory)

@@ -20,6 +20,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from lsparam.api import parametrize, structured_layers
+from lsparam.extras import require
 from lsparam.optim.lowbit import state_bytes
 from lsparam.presets import METHODS, llama_config, method_config
 
@@ -97,8 +98,7 @@ class _SavedTensorCounter:
 def _build_shape_model(config, method, dtype: torch.dtype, layers: int | None = None):
     """The model with fake CPU tensors: shapes and dtypes, no storage. Fake CPU tensors (rather than
     meta ones) make attention choose the kernel a CPU run would, which decides what it saves."""
-    from transformers import AutoModelForCausalLM
-
+    AutoModelForCausalLM = require("transformers", "hf", "the memory ledger of a model config").AutoModelForCausalLM
     if layers is not None:
         config = type(config).from_dict({**config.to_dict(), "num_hidden_layers": layers})
     with FakeTensorMode(allow_non_fake_inputs=True):

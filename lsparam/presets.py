@@ -13,6 +13,7 @@ SLTrainConfig(rank=128, density=0.03, alpha=32.0, seed=0, sparse_backend='auto',
 from __future__ import annotations
 
 from lsparam.config import LOSTConfig, LowRankConfig, SLTrainConfig
+from lsparam.extras import require
 
 # name: (hidden, intermediate, layers, heads)
 LLAMA_SIZES = {
@@ -50,8 +51,6 @@ def llama_config(name: str, **overrides):
     >>> llama_config("llama_9m", num_hidden_layers=1).num_hidden_layers
     1
     """
-    from transformers import LlamaConfig
-
     if name not in LLAMA_SIZES:
         raise ValueError(f"unknown model size {name!r}; valid: {sorted(LLAMA_SIZES)}")
     hidden, intermediate, layers, heads = LLAMA_SIZES[name]
@@ -66,7 +65,7 @@ def llama_config(name: str, **overrides):
         tie_word_embeddings=False,
     )
     settings.update(overrides)
-    return LlamaConfig(**settings)
+    return require("transformers", "hf", "llama_config").LlamaConfig(**settings)
 
 
 def size_of(config) -> str | None:

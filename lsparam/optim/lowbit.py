@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from lsparam.extras import require
+
 # torchao's block sizes (its constructors' defaults) and the size below which it keeps states in full
 # precision. The memory ledger and LeanOptimizer both follow these, from here.
 LOWBIT_BLOCK = {8: 256, 4: 128}
@@ -29,13 +31,12 @@ def state_bytes(numel: int, state_bits: int, param_bytes: int, per_state: int) -
 
 
 def _torchao_classes():
-    from torchao.optim import Adam4bit, Adam8bit, AdamW4bit, AdamW8bit
-
+    optim = require("torchao.optim", "lowbit", "low-bit optimizer states (state_bits 8 or 4)")
     return {
-        (torch.optim.AdamW, 8): AdamW8bit,
-        (torch.optim.AdamW, 4): AdamW4bit,
-        (torch.optim.Adam, 8): Adam8bit,
-        (torch.optim.Adam, 4): Adam4bit,
+        (torch.optim.AdamW, 8): optim.AdamW8bit,
+        (torch.optim.AdamW, 4): optim.AdamW4bit,
+        (torch.optim.Adam, 8): optim.Adam8bit,
+        (torch.optim.Adam, 4): optim.Adam4bit,
     }
 
 
