@@ -1,4 +1,4 @@
-"""recipes/data.py: packing, order, sharding, held-out split, formats, resume, caching, errors, fail-fast.
+"""recipes/data/: packing, order, sharding, held-out split, formats, resume, caching, errors, fail-fast.
 
 Every corpus here is a few dozen synthetic documents written into tmp_path; nothing is downloaded.
 """
@@ -64,7 +64,7 @@ def write_parquet(path, docs):
 @pytest.fixture(autouse=True)
 def small_tokenization_groups(monkeypatch):
     """Tokenize a few documents at a time (not 256): group boundaries get exercised, tiny corpora stay fast."""
-    monkeypatch.setattr(rd, "TOKENIZE_GROUP_DOCS", 5)
+    monkeypatch.setattr(rd.tokenizer, "TOKENIZE_GROUP_DOCS", 5)
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +297,7 @@ def test_trained_tokenizer_is_cached_and_reused(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the cached tokenizer should have been reused")
 
-    monkeypatch.setattr(rd, "_train_bpe", no_training)
+    monkeypatch.setattr(rd.tokenizer, "_train_bpe", no_training)
     second = build_data(cfg)
     assert second.tokenizer_path == first.tokenizer_path
     assert (directory / "tokenizer.json").stat().st_mtime_ns == stamp
@@ -344,7 +344,7 @@ def test_c4_fails_fast_when_the_hub_does_not_answer(tmp_path, monkeypatch):
         calls.append(timeout)
         raise urllib.error.URLError("timed out")
 
-    monkeypatch.setattr(rd.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(rd.hub.urllib.request, "urlopen", no_network)
     with pytest.raises(HubUnreachableError, match="no answer from .* within 5 s"):
         build_data(DataConfig(dataset="c4", cache_dir=str(tmp_path)))
     assert calls == [5.0]
@@ -456,4 +456,5 @@ def test_bad_files(tmp_path, tokenizer_file):
 
 
 def test_docstring_examples_run():
-    assert doctest.testmod(rd, optionflags=doctest.ELLIPSIS).failed == 0
+    for module in (rd, rd.cache, rd.config, rd.corpus, rd.hub, rd.sources, rd.stream, rd.tokenizer):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__

@@ -1,0 +1,15 @@
+"""A quick look: ``python -m recipes.data [data_files [valid_files]]`` (or ``python recipes/data ...``)."""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # `recipes.data` from a source checkout
+
+from recipes.data import DataConfig, build_data  # noqa: E402
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    data = build_data(DataConfig(data_files=args[0] if args else None, valid_files=args[1] if len(args) > 1 else None))
+    print(data.description)
+    print(repr(data.tokenizer.decode(next(data.train)[0][:64].tolist())))
+    print(data.train.state_dict())
