@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from lsparam.api import parametrize, structured_layers
 from lsparam.extras import require
 from lsparam.optim.lowbit import state_bytes
-from lsparam.presets import METHODS, llama_config, method_config
+from lsparam.presets import llama_config, method_config
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # full-size states per parameter (sgd: momentum)

@@ -3,9 +3,7 @@ within each passage, and every passage exactly once."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,11 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recipes.bench import passages
+
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("bench_passages", ROOT / "recipes" / "bench" / "passages.py")
-passages = importlib.util.module_from_spec(_spec)
-sys.modules["bench_passages"] = passages
-_spec.loader.exec_module(passages)
 
 words = st.text(alphabet="abcdefgh", min_size=1, max_size=12)
 paragraphs = st.lists(words, min_size=1, max_size=30).map(" ".join)

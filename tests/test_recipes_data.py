@@ -5,18 +5,15 @@ Every corpus here is a few dozen synthetic documents written into tmp_path; noth
 
 import doctest
 import json
-import pathlib
 import random
-import sys
 import time
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from recipes import data as rd  # noqa: E402
-from recipes.data import DataConfig, HubUnreachableError, build_data  # noqa: E402
+from recipes import data as rd
+from recipes.data import DataConfig, HubUnreachableError, build_data
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
          "under bright northern lights and every river runs toward its distant sea").split()

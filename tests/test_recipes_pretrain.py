@@ -7,7 +7,6 @@ DDP and FSDP2 on gloo).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -22,6 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipes import plot, pretrain
+from recipes.checkpoint import model_from_checkpoint
+from recipes.flags import build_parser, check_args, method_settings, model_size_name, parse_size
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "recipes" / "pretrain.py"
 TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
@@ -30,15 +33,6 @@ TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=
 SEQ = 32
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain = _load("pretrain", SCRIPT)
-plot = _load("recipes_plot", ROOT / "recipes" / "plot.py")
 
 
 # ---- corpora and configs ------------------------------------------------------------------------------
@@ -122,6 +116,11 @@ def test_each_method_runs_and_writes_its_outputs(corpus, tmp_path, method, resto
     assert sorted(p.name for p in checkpoint.iterdir()) == ["model.safetensors", "state_rank0.pt", "tokenizer"]
     state = torch.load(checkpoint / "state_rank0.pt", weights_only=True)
     assert state["step"] == 3 and set(state["rng"]) == {"torch", "python", "numpy", "cuda"}
+    # the checkpoint alone rebuilds the model (lsparam specs in the weights, not the run's flags)
+    from safetensors.torch import load_file
+
+    saved, reloaded = load_file(str(checkpoint / "model.safetensors")), model_from_checkpoint(checkpoint).state_dict()
+    assert sorted(reloaded) == sorted(saved) and all(torch.equal(reloaded[k], v) for k, v in saved.items())
 
 
 def test_loss_falls_over_twenty_steps(corpus, tmp_path, restore_torch_globals):
@@ -162,7 +161,7 @@ def test_export_loads_in_vanilla_transformers_with_the_same_logits(corpus, tmp_p
     assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
     dense = AutoModelForCausalLM.from_pretrained(str(export)).eval()
     assert "parametrizations" not in "".join(dense.state_dict())
-    structured = pretrain.model_from_checkpoint(out / "checkpoints" / "step_00000003").eval()
+    structured = model_from_checkpoint(out / "checkpoints" / "step_00000003").eval()
     tokenizer = AutoTokenizer.from_pretrained(str(export))
     ids = torch.tensor([tokenizer("the cat sat on the mat quickly and it was red.")["input_ids"]])
     with torch.no_grad():
@@ -257,6 +256,70 @@ def test_linear_lr_scale_sets_the_decoder_linears_rate(method):
         assert largest == pytest.approx(expected, rel=1e-3), name
 
 
+def test_choices_come_from_the_library():
+    from lsparam.config import SPARSE_BACKENDS
+    from lsparam.presets import METHODS
+
+    actions = {a.dest: a for a in build_parser()._actions}
+    assert tuple(actions["method"].choices) == (*METHODS, "galore")
+    assert tuple(actions["sparse_backend"].choices) == SPARSE_BACKENDS and "gather" in SPARSE_BACKENDS
+
+
+@pytest.mark.parametrize("backend", ["gather", "auto"])
+def test_sparse_backend_gather_is_accepted_and_reaches_the_layers(backend):
+    """``--sparse-backend gather`` (what ``auto`` picks on CPU, and documented) used to be refused by argparse."""
+    import lsparam
+    from transformers import LlamaConfig
+
+    args = check_args(build_parser().parse_args(["--method", "sltrain", "--sparse-backend", backend, "--rank", "8",
+                                                 "--device", "cpu"]))
+    settings = method_settings(args, None)
+    assert settings.sparse_backend == backend
+    model = pretrain.build_model(args, LlamaConfig(**{**TINY, "vocab_size": 50}), settings, "cpu")
+    layers = lsparam.structured_layers(model).values()
+    assert layers and all(p.config.sparse_backend == backend for _, p in layers)
+    ids = torch.randint(0, 50, (2, 8))
+    model(ids, labels=ids).loss.backward()
+
+
+@pytest.mark.parametrize("method, tied", [("full", False), ("lost", True), ("sltrain", False)])
+def test_parameters_by_kind_follows_roles_and_module_types(method, tied):
+    import lsparam
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**TINY, "vocab_size": 50, "tie_word_embeddings": tied})
+    model = LlamaForCausalLM(config)
+    if method != "full":
+        lsparam.parametrize(model, lsparam.presets.method_config(method, None))
+    kinds = pretrain.parameters_by_kind(model)
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    assert kinds["embedding"] == 50 * hidden and kinds["lm_head"] == (0 if tied else 50 * hidden)
+    assert kinds["norm"] == hidden * (2 * layers + 1)
+    assert kinds["total"] == sum(p.numel() for p in model.parameters())
+    factors = {"lowrank_out": 0, "lowrank_in": 0, "sparse": 0}
+    for layer, p in lsparam.structured_layers(model).values():
+        for i, role in enumerate(p.roles()):
+            factors[role] += getattr(layer.parametrizations.weight, f"original{i}").numel()
+    assert kinds["lowrank_factors"] == factors["lowrank_out"] + factors["lowrank_in"]
+    assert kinds["sparse"] == factors["sparse"] and kinds["other_factors"] == 0
+    assert (kinds["dense_linear"] > 0) == (method == "full")
+    linears = pretrain.decoder_linears(model)
+    assert len(linears) == 7 * layers and model.get_output_embeddings() not in linears
+
+
+def test_resume_refuses_other_settings_and_other_process_counts(corpus, tmp_path, capsys, restore_torch_globals):
+    out = tmp_path / "run"
+    pretrain.main(common(corpus, out, "--method", "lowrank", "--steps", "1", "--eval-batches", "1"))
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(common(corpus, out, "--method", "lowrank", "--steps", "2", "--seed", "1", "--resume", "auto"))
+    assert exit_info.value.code == 2
+    assert "was made with other settings (seed: checkpoint 0, now 1)" in capsys.readouterr().err
+    (out / "checkpoints" / "step_00000001" / "state_rank0.pt").rename(out / "checkpoints" / "step_00000001" / "state_rank1.pt")
+    with pytest.raises(SystemExit):
+        pretrain.main(common(corpus, out, "--method", "lowrank", "--steps", "2", "--resume", "auto"))
+    assert "has no state_rank0.pt (it holds state_rank1.pt)" in capsys.readouterr().err
+
+
 def test_galore_without_the_package_says_how_to_install(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "galore_torch", None)  # import galore_torch -> ImportError
     with pytest.raises(SystemExit):
@@ -278,7 +341,7 @@ def test_galore_trains_and_resumes_from_a_weights_only_checkpoint(corpus, tmp_pa
 
 
 def test_size_parsing_and_shipped_configs():
-    assert [pretrain.parse_size(t) for t in ("50M", "1.5B", "200k", "1100000")] == [50_000_000, 1_500_000_000,
+    assert [parse_size(t) for t in ("50M", "1.5B", "200k", "1100000")] == [50_000_000, 1_500_000_000,
                                                                                     200_000, 1_100_000]
     from transformers import LlamaConfig
 
@@ -288,7 +351,7 @@ def test_size_parsing_and_shipped_configs():
         config = LlamaConfig.from_json_file(str(ROOT / "recipes" / "configs" / f"{name}.json"))
         assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads,
                 config.num_key_value_heads, config.vocab_size) == (hidden, intermediate, layers, heads, heads, VOCAB_SIZE)
-        assert pretrain.model_size_name(config) == name
+        assert model_size_name(config) == name
 
 
 # ---- multi-process (torchrun, gloo) -------------------------------------------------------------------
@@ -298,7 +361,7 @@ def aligned(tmp_path_factory):
 
     Every training sequence is then one whole document and every shard one 4-sequence batch, so two ranks
     of batch 4 see, together, exactly the 8 sequences that one process of batch 8 sees at each step
-    (whether recipes/data.py deals whole shards or single documents to the ranks).
+    (whether recipes/data deals whole shards or single documents to the ranks).
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
 

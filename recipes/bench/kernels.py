@@ -8,11 +8,12 @@ product timed in turn within a round, as a ratio to ``x @ Wᵀ`` (one dense GEMM
 the same rounds. A dense layer's forward + backward is three such GEMMs; the FLOP floor of each sparse
 product is δ = 0.03 of one.
 
-    python recipes/bench/kernels.py                                  # writes its table into docs/benchmarks.md
-    python recipes/bench/kernels.py --shapes 512x512 --tokens 1024 --no-write
+    python -m recipes.bench.kernels                                  # writes its table into docs/benchmarks.md
+    python -m recipes.bench.kernels --shapes 512x512 --tokens 1024 --no-write
 """
 
 from __future__ import annotations
+
 
 import argparse
 
@@ -22,8 +23,8 @@ from lsparam.methods.sltrain import sltrain_nnz
 from lsparam.sparse import native
 from lsparam.sparse.matmul import bag_sum, entry_dots, input_grad
 from lsparam.sparse.support import SparseSupport, uniform_flat_indices
-from layers import SHAPES  # the layer benchmark's shapes
-from timing import median_seconds
+from recipes.bench.layers import SHAPES  # the layer benchmark's shapes
+from recipes.bench.timing import median_seconds
 
 DENSITY = 0.03
 
@@ -89,7 +90,7 @@ def main() -> None:
     ]
     lines += [f"| {s} | {p} | {a:.3f} | {b:.3f} |" for s, p, a, b in rows]
     if not args.no_write:
-        from report import write_section
+        from recipes.bench.report import write_section
 
         print("wrote", write_section("kernels", "Sparse kernels: each product against one dense GEMM", "\n".join(lines)))
 

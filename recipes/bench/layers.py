@@ -5,11 +5,12 @@ side, SLTrain density 0.03, LOST channel ratio 0.05. Each figure is the median o
 rounds after warm-up (every layer timed once per round, in turn), reported as a ratio to dense measured
 in the same rounds, next to its floor (the method's multiply-adds over dense multiply-adds).
 
-    python recipes/bench/layers.py                 # writes the table into docs/benchmarks.md
-    python recipes/bench/layers.py --shapes 1024x2736 --repeats 5 --no-write
+    python -m recipes.bench.layers                 # writes the table into docs/benchmarks.md
+    python -m recipes.bench.layers --shapes 1024x2736 --repeats 5 --no-write
 """
 
 from __future__ import annotations
+
 
 import argparse
 import contextlib
@@ -21,7 +22,7 @@ from torch import nn
 import lsparam
 from lsparam.methods.sltrain import sltrain_nnz
 from lsparam.sparse import native
-from timing import median_seconds
+from recipes.bench.timing import median_seconds
 
 WITHOUT_NATIVE = "lsparam SLTrain (gather, embedding_bag)"  # timed with lsparam.sparse.native.disabled()
 SHAPES = ["768x768", "1024x2736", "2736x1024", "2048x2048", "2048x5461"]  # out x in
@@ -123,7 +124,7 @@ def main() -> None:
     lines += [f"| {s} | {n} | {ms:.2f} | {ratio:.2f} | {floor:.2f} |" for s, n, ms, ratio, floor in rows]
     table = "\n".join(lines)
     if not args.no_write:
-        from report import write_section
+        from recipes.bench.report import write_section
 
         print("wrote", write_section("layers", "Layer speed: forward + backward against dense", table))
 

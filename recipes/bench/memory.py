@@ -3,11 +3,12 @@
 Each configuration runs in a fresh process (so nothing of one run lingers in the next), does one
 warm-up step (optimizer states exist from then on, as in any later step) and measures the next one.
 
-    python recipes/bench/memory.py                      # LLaMA-60M and -130M shapes, batch 1 x 256
-    python recipes/bench/memory.py --sizes llama_60m --batch-size 4
+    python -m recipes.bench.memory                      # LLaMA-60M and -130M shapes, batch 1 x 256
+    python -m recipes.bench.memory --sizes llama_60m --batch-size 4
 """
 
 from __future__ import annotations
+
 
 import argparse
 import json
@@ -28,37 +29,19 @@ RUNS = [  # (method, state bits, per-layer)
 
 def one_run(size: str, method: str, bits: int, per_layer: bool, batch_size: int, seq_len: int) -> dict:
     """Measure one configuration (runs inside the child process)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import lsparam
     from lsparam.memory import estimate, measure
-    from lsparam.presets import llama_config, method_config
+    from recipes.bench.training import build_training_step
 
-    torch.manual_seed(0)
-    config = llama_config(size)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_config(config).to(device)
-    settings = method_config(method, size)
-    if settings is not None:
-        lsparam.parametrize(model, settings, progress=False)
-    optimizer = lsparam.optim.LeanOptimizer(model, torch.optim.AdamW, lr=1e-3, per_layer=per_layer, state_bits=bits)
-    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    step()
+    built = build_training_step(size, method, batch_size=batch_size, seq_len=seq_len, state_bits=bits, per_layer=per_layer)
+    built.step()
     start = time.perf_counter()
-    measured = measure(step, device=device)
+    measured = measure(built.step, device=built.device)
     seconds = time.perf_counter() - start
-    predicted = estimate(model, state_bits=bits, per_layer=per_layer, param_dtype="fp32",
+    predicted = estimate(built.model, state_bits=bits, per_layer=per_layer, param_dtype="fp32",
                          batch_size=batch_size, seq_len=seq_len)
     return {"size": size, "method": method, "bits": bits, "per_layer": per_layer, "measured": measured.peak,
             "predicted": predicted.total, "paper": predicted.paper, "params": predicted.parameter_count,
-            "step_seconds": seconds, "device": device}
+            "step_seconds": seconds, "device": built.device.type}
 
 
 def main() -> None:
@@ -108,7 +91,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        from report import write_section
+        from recipes.bench.report import write_section
 
         print("wrote", write_section("memory", "Memory of one training step: measured and predicted", table))
 

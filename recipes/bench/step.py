@@ -10,15 +10,16 @@ one step after warm-up measured by ``lsparam.memory.measure``. With
 ``--compile`` the models of the first size are also run under ``torch.compile`` (AdamW only), to show what
 compiling changes.
 
-    python recipes/bench/step.py --compile --unfused      # writes the table into docs/benchmarks.md
-    python recipes/bench/step.py --sizes llama_20m --methods full lost --no-write
-    python recipes/bench/step.py --profile --sizes llama_60m --methods sltrain --optimizers adamw
+    python -m recipes.bench.step --compile --unfused      # writes the table into docs/benchmarks.md
+    python -m recipes.bench.step --sizes llama_20m --methods full lost --no-write
+    python -m recipes.bench.step --profile --sizes llama_60m --methods sltrain --optimizers adamw
 
 ``--profile`` runs the first size, method and optimizer given in this process under ``torch.profiler``
 instead, and prints where a step's time goes (writes nothing).
 """
 
 from __future__ import annotations
+
 
 import argparse
 import json
@@ -27,7 +28,9 @@ import subprocess
 import sys
 import time
 
-METHODS = ["full", "lowrank", "sltrain", "lost", "lost-silu"]
+from lsparam.presets import METHODS as PRESET_METHODS
+
+METHODS = list(PRESET_METHODS)
 # name -> (state bits, per-layer updates, extra keywords); "adamw-unfused" shows what the fused default buys
 OPTIMIZERS = {"adamw": (32, False, {}), "8bit-per-layer": (8, True, {}), "adamw-unfused": (32, False, {"foreach": False})}
 
@@ -35,32 +38,14 @@ OPTIMIZERS = {"adamw": (32, False, {}), "8bit-per-layer": (8, True, {}), "adamw-
 def build_step(size: str, method: str, optimizer: str, compiled: bool, args):
     """A model of ``size`` with ``method`` and its optimizer; returns (one training step, parameter count)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    import lsparam
-    from lsparam.presets import llama_config, method_config
+    from recipes.bench.training import build_training_step
 
-    torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = llama_config(size)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(device)
-    settings = method_config(method, size)
-    if settings is not None:
-        lsparam.parametrize(model, settings, progress=False)
     bits, per_layer, extra = OPTIMIZERS[optimizer]
-    opt = lsparam.optim.LeanOptimizer(model, torch.optim.AdamW, lr=1e-3, per_layer=per_layer, state_bits=bits, **extra)
-    forward = torch.compile(model) if compiled else model
-    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
-
-    def step():
-        forward(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return step, sum(p.numel() for p in model.parameters())
+    built = build_training_step(size, method, batch_size=args.batch_size, seq_len=args.seq_len, state_bits=bits,
+                                per_layer=per_layer, optimizer_kwargs=extra, compiled=compiled,
+                                dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    return built.step, built.parameter_count
 
 
 def time_size(runs: list, args) -> list[dict]:
@@ -198,7 +183,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        from report import write_section
+        from recipes.bench.report import write_section
 
         print("wrote", write_section("step", "Training step: tokens/s and peak memory", table))
 

@@ -1,11 +1,8 @@
-"""A quick look: ``python -m recipes.data [data_files [valid_files]]`` (or ``python recipes/data ...``)."""
+"""A quick look at what the data pipeline yields: ``python -m recipes.data [data_files [valid_files]]``."""
 
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # `recipes.data` from a source checkout
-
-from recipes.data import DataConfig, build_data  # noqa: E402
+from recipes.data import DataConfig, build_data
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -1,0 +1,252 @@
+"""Checkpoints of ``recipes/pretrain.py``: atomic save, resume, reload and dense export.
+
+``checkpoints/step_<N>/`` holds ``model.safetensors`` (the parametrized model's state_dict, gathered to
+rank 0 under FSDP, with the run's flags and model config in its metadata), ``tokenizer/`` and one
+``state_rank<r>.pt`` per rank (step, flags, world size, optimizer, scheduler, RNG states, the data
+stream's position), loadable with ``torch.load(..., weights_only=True)``. A checkpoint is written under a
+temporary name, fsynced and ``os.replace``d into place, so a ``step_*`` directory is whole by construction.
+
+Resuming is two explicit steps around the optimizer's construction (the weights must be in place
+before the optimizer is built over them):
+
+    saved = read_training_state(path, args, rank, world)   # checks the settings match; nothing loaded yet
+    load_weights(raw_model, path, args)
+    ...build the optimizer, the scheduler, the Run...
+    restore_training_state(run, saved, path)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from recipes.flags import MUST_MATCH, RecipeError
+
+if TYPE_CHECKING:
+    from recipes.pretrain import Run
+
+
+def barrier(run: Run) -> None:
+    if run.world > 1:
+        dist.barrier()
+
+
+# ---- saving ----------------------------------------------------------------------------------------
+def full_state_dict(run: Run) -> dict | None:
+    """The parametrized model's whole state_dict on CPU (rank 0; None elsewhere). Collective under FSDP."""
+    if run.args.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(run.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return weights if run.rank == 0 else None
+    return {k: v.detach().cpu() for k, v in run.raw.state_dict().items()} if run.rank == 0 else None
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np_state,
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(saved: dict) -> None:
+    torch.set_rng_state(saved["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in saved["python"]))
+    np_state = dict(saved["numpy"])
+    np_state["state"] = {**np_state["state"], "key": np.array(np_state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state(np_state)
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def plain_optimizer_state(value, to_plain: bool):
+    """GaLore keeps a projector object in its state, which weights_only loads refuse: store its fields."""
+    if isinstance(value, dict):
+        if not to_plain and "galore_projector" in value:
+            from galore_torch.galore_projector import GaLoreProjector
+
+            projector = GaLoreProjector.__new__(GaLoreProjector)
+            projector.__dict__.update(value["galore_projector"])
+            return projector
+        return {k: plain_optimizer_state(v, to_plain) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_optimizer_state(v, to_plain) for v in value]
+    if to_plain and type(value).__name__ == "GaLoreProjector":
+        return {"galore_projector": dict(vars(value))}
+    return value
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run: Run) -> None:
+    """Write checkpoints/step_N atomically: a temporary directory, fsynced, then os.replace."""
+    from safetensors.torch import save_file
+
+    args, rank, step = run.args, run.rank, run.step
+    root = Path(args.out) / "checkpoints"
+    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    if final.exists():  # complete by construction (renamed into place only when whole)
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(run)
+    weights = full_state_dict(run)
+    if rank == 0:
+        metadata = {"step": str(step), "args": json.dumps(vars(args)), "config": run.config.to_json_string()}
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata=metadata)
+        run.data.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    sharded = args.parallel == "fsdp"
+    optimizer = plain_optimizer_state(run.optimizer.state_dict(), True) if (sharded or rank == 0) else None
+    torch.save({"step": step, "args": vars(args), "world_size": run.world, "optimizer": optimizer,
+                "scheduler": run.scheduler.state_dict(), "rng": rng_state(),
+                "data": run.data.train.state_dict()}, tmp / f"state_rank{rank}.pt")
+    barrier(run)
+    if rank == 0:
+        for file in (f for f in tmp.rglob("*") if f.is_file()):
+            _fsync(file)
+        os.replace(tmp, final)
+        _fsync(root)
+        for old in sorted(root.glob("step_*"))[: -args.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(run)
+
+
+# ---- resuming --------------------------------------------------------------------------------------
+def find_checkpoint(args) -> Path | None:
+    """The checkpoint --resume names: 'auto' gives the newest complete one in --out (or None)."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        found = sorted((Path(args.out) / "checkpoints").glob("step_*"))
+        return found[-1] if found else None
+    return Path(args.resume)
+
+
+def read_training_state(path: Path, args, rank: int, world: int) -> dict:
+    """This rank's ``state_rank<r>.pt`` of ``path``, after checking it was made with the settings that
+    must match (``flags.MUST_MATCH``) and the same world size; raises RecipeError naming the differences."""
+    file = path / f"state_rank{rank}.pt"
+    if not file.is_file():
+        written = sorted(p.name for p in path.glob("state_rank*.pt"))
+        raise RecipeError(f"checkpoint {str(path)!r} has no {file.name} (it holds {', '.join(written) or 'no state files'}): "
+                          f"it was written by another number of processes, or is not a recipes/pretrain.py checkpoint")
+    sharded = args.parallel == "fsdp"  # a rank's own shard returns to its own device; the rest to CPU first
+    try:
+        saved = torch.load(file, weights_only=True, map_location=None if sharded else "cpu")
+    except Exception as error:  # an unreadable or foreign file: say which, not a pickle traceback
+        raise RecipeError(f"checkpoint {str(path)!r}: cannot read {file.name} ({type(error).__name__}: {error})") from None
+    missing = [k for k in ("step", "args", "world_size", "optimizer", "scheduler", "rng", "data") if k not in saved]
+    if missing:
+        raise RecipeError(f"checkpoint {str(path)!r}: {file.name} lacks {missing}; it was not written by recipes/pretrain.py")
+    different = {k: (saved["args"].get(k), getattr(args, k)) for k in MUST_MATCH if saved["args"].get(k) != getattr(args, k)}
+    if saved["world_size"] != world:
+        different["world_size"] = (saved["world_size"], world)
+    if different:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in different.items())
+        raise RecipeError(f"checkpoint {str(path)!r} was made with other settings ({listed})")
+    return saved
+
+
+def load_weights(raw: torch.nn.Module, path: Path, args) -> None:
+    """The checkpoint's weights into the (parametrized, possibly FSDP-sharded) model."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "model.safetensors"))
+    if args.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(raw, weights, options=StateDictOptions(full_state_dict=True))
+    else:
+        raw.load_state_dict(weights)
+
+
+def restore_training_state(run: Run, saved: dict, path: Path) -> None:
+    """Optimizer, scheduler, data position, RNG states and step from ``saved`` (:func:`read_training_state`)."""
+    optimizer = saved["optimizer"]
+    if optimizer is None:  # not sharded: rank 0's file holds it
+        optimizer = torch.load(path / "state_rank0.pt", weights_only=True, map_location="cpu")["optimizer"]
+    run.optimizer.load_state_dict(plain_optimizer_state(optimizer, False))
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.data.train.load_state_dict(saved["data"])
+    set_rng_state(saved["rng"])
+    run.step = saved["step"]
+    if run.rank == 0:
+        print(f"resumed from {path} at step {saved['step']}")
+
+
+# ---- reloading and export --------------------------------------------------------------------------
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def model_from_checkpoint(path, device="cpu") -> torch.nn.Module:
+    """The parametrized model of a checkpoint directory, in eval mode, in the dtype it was saved in.
+
+    Rebuilt from what the weights file holds alone: the model config in its metadata, and each structured
+    layer's method and config from its ``lsparam_spec`` tensor, through :func:`lsparam.io.load_parametrized`
+    (not from the run's flags). A full-rank or GaLore checkpoint (no spec tensors) is a plain
+    ``LlamaForCausalLM``.
+
+    >>> model = model_from_checkpoint("runs/llama_9m-lost/checkpoints/step_00000300")  # doctest: +SKIP
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lsparam.io
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise RecipeError(f"{str(path)!r} is not a checkpoint directory (no model.safetensors in it)")
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata() or {}
+        structured = any(k.endswith(".lsparam_spec") for k in f.keys())
+        dtypes = [_DTYPES.get(f.get_slice(k).get_dtype()) for k in f.keys()]
+    if "config" not in metadata:
+        raise RecipeError(f"{str(weights)!r} has no model config in its metadata: not a recipes/pretrain.py checkpoint")
+    dtype = next((d for d in dtypes if d is not None), torch.float32)
+    config = LlamaConfig.from_dict(json.loads(metadata["config"]))
+    if structured:
+        with tempfile.TemporaryDirectory() as folder:  # the layout load_parametrized reads: config.json + weights
+            config.to_json_file(os.path.join(folder, "config.json"))
+            try:
+                os.symlink(weights.resolve(), os.path.join(folder, "model.safetensors"))
+            except OSError:  # no symlinks here: copy
+                shutil.copyfile(weights, os.path.join(folder, "model.safetensors"))
+            model = lsparam.io.load_parametrized(folder, LlamaForCausalLM, dtype=dtype)
+    else:
+        model = LlamaForCausalLM(config).to(dtype)
+        model.load_state_dict(load_file(str(weights)))
+    return model.to(device).eval()
+
+
+def export_checkpoint(path, directory: str) -> None:
+    """A checkpoint as a plain dense LlamaForCausalLM + tokenizer (``save_pretrained``, safetensors), which
+    vanilla ``AutoModelForCausalLM.from_pretrained`` loads. Refuses SiLU-LOST (no dense form)."""
+    import lsparam
+    from transformers import AutoTokenizer
+
+    model = model_from_checkpoint(path)
+    try:
+        lsparam.merge(model)  # every structured layer becomes a plain dense nn.Linear
+    except lsparam.NoDenseFormError as error:
+        raise RecipeError(f"--export refused: {error}") from None
+    model.config.use_cache = True
+    model.save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(Path(path) / "tokenizer")).save_pretrained(directory)
+    print(f"exported {path} as a dense LlamaForCausalLM to {directory}")
