@@ -13,8 +13,9 @@ then cosine to ``--min-lr-ratio`` of the peak. Everything a run writes goes to `
 ``metrics.jsonl``, ``summary.json``, ``loss.png`` and ``checkpoints/step_*``. docs/recipes.md has every
 flag, the paper-reproduction commands, and how resume, export and torchrun work.
 
-The recipe is three modules: ``recipes/flags.py`` (the flags and every cross-check), ``recipes/checkpoint.py``
-(atomic save, resume, reload, export) and this one (setup, training, evaluation, the summary, ``main``).
+The recipe is four modules: ``recipes/flags.py`` (the flags and every cross-check), ``recipes/checkpoint.py``
+(atomic save, resume, reload, export), ``recipes/summary.py`` (``summary.json`` and the loss plot) and this
+one (setup, training, evaluation, ``main``).
 
 Choices (docs/recipes.md says why): ``--precision bf16`` means bf16 weights and AdamW states, not autocast;
 a checkpoint is a directory written under a temporary name and ``os.replace``d into place (weights in
@@ -47,7 +48,6 @@ import logging
 import math
 import os
 import random
-import resource
 import signal
 import time
 import warnings
@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 from recipes import checkpoint
+from recipes.summary import peak_memory_mib, summarize
 from recipes.checkpoint import export_checkpoint, model_from_checkpoint  # noqa: F401  (docs/recipes.md names them here)
 from recipes.flags import DEFAULT_STEPS, RecipeError, build_parser, check_args, exporting_a_checkpoint, method_settings, model_size_name
 
@@ -252,13 +253,6 @@ def _mean_across_ranks(run: Run, value: torch.Tensor) -> float:
     return value.item()
 
 
-def peak_memory_mib(device) -> float:
-    """CUDA: the allocator's peak; CPU: the process's peak resident set size (includes the libraries)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean token loss over the validation batches (every rank the same number of batches)."""
@@ -360,64 +354,6 @@ def train(run: Run) -> dict:
     checkpoint.save_checkpoint(run)
     return {"first_loss": first_loss, "final_loss": final_loss, "train_seconds": seconds,
             "tokens_per_s": tokens_here / seconds if tokens_here else None}
-
-
-# ---- summary ---------------------------------------------------------------------------------------
-KINDS = ("embedding", "lm_head", "norm", "dense_linear", "lowrank_factors", "sparse", "other_factors")
-_ROLE_KINDS = {"lowrank_out": "lowrank_factors", "lowrank_in": "lowrank_factors", "sparse": "sparse"}
-
-
-def parameters_by_kind(model: nn.Module) -> dict:
-    """Parameter counts by what they are, from declared roles and module types (not parameter names):
-    lsparam factors by their role (``p.roles()``: low-rank, sparse, other), then the output head
-    (``get_output_embeddings``), embeddings (``nn.Embedding``), dense linear weights (``nn.Linear``) and
-    norms (every other module with parameters). A tied head counts once, as the embedding."""
-    import lsparam
-
-    by_id = {}
-    for layer, parametrization in lsparam.structured_layers(model).values():
-        for i, role in enumerate(parametrization.roles()):
-            factor = getattr(layer.parametrizations.weight, f"original{i}")
-            by_id[id(factor)] = _ROLE_KINDS.get(role, "other_factors")
-    head = model.get_output_embeddings()
-    kinds = dict.fromkeys(KINDS, 0)
-    seen = set()
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            kind = by_id.get(id(p)) or ("embedding" if isinstance(module, nn.Embedding) and module is not head
-                                        else "lm_head" if module is head
-                                        else "dense_linear" if isinstance(module, nn.Linear) else "norm")
-            kinds[kind] += p.numel()
-    return {"total": sum(kinds.values()), **kinds}
-
-
-def summarize(run: Run, result: dict) -> dict:
-    import lsparam
-
-    args, raw = run.args, run.raw
-    summary = {
-        "model": Path(args.model).stem, "method": args.method, "settings": repr(run.settings),
-        "steps": run.step, "tokens": run.step * run.tokens_per_step, "world_size": run.world,
-        "precision": args.precision, "device": str(run.device),
-        "initial_val_ppl": None if result["first_loss"] is None else math.exp(result["first_loss"]),
-        "final_val_loss": result["final_loss"], "final_val_ppl": math.exp(min(result["final_loss"], 50)),
-        "parameters": parameters_by_kind(raw),  # DTensor numel() is the global size under FSDP
-        "peak_memory_mib": peak_memory_mib(run.device),
-        "memory_kind": "cuda max_memory_allocated" if run.device.type == "cuda" else "cpu peak RSS (whole process)",
-        "tokens_per_s": result["tokens_per_s"], "train_seconds": result["train_seconds"],
-    }
-    if run.rank == 0:
-        if lsparam.structured_layers(raw):
-            print(lsparam.summary(raw))
-        print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=1))
-        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        from recipes.plot import plot_runs
-
-        plot_runs([args.out], Path(args.out) / "loss.png", title=f"{summary['model']} {args.method}")
-    return summary
 
 
 def main(argv=None) -> dict | None:

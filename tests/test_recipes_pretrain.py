@@ -24,6 +24,7 @@ import torch
 from recipes import plot, pretrain
 from recipes.checkpoint import model_from_checkpoint
 from recipes.flags import build_parser, check_args, method_settings, model_size_name, parse_size
+from recipes.summary import parameters_by_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "recipes" / "pretrain.py"
@@ -291,7 +292,7 @@ def test_parameters_by_kind_follows_roles_and_module_types(method, tied):
     model = LlamaForCausalLM(config)
     if method != "full":
         lsparam.parametrize(model, lsparam.presets.method_config(method, None))
-    kinds = pretrain.parameters_by_kind(model)
+    kinds = parameters_by_kind(model)
     hidden, layers = config.hidden_size, config.num_hidden_layers
     assert kinds["embedding"] == 50 * hidden and kinds["lm_head"] == (0 if tied else 50 * hidden)
     assert kinds["norm"] == hidden * (2 * layers + 1)
