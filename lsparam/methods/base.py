@@ -125,14 +125,48 @@ def decode_spec(tensor: torch.Tensor) -> str:
 
 
 def check_specs_before_loading(model: nn.Module, state_dict, prefix: str, *args, **kwargs) -> None:
-    """Load pre-hook of a parametrized model: check every layer's spec before anything is copied.
+    """Load pre-hook of a parametrized model: check every layer before anything is copied.
 
-    ``load_state_dict`` copies module by module, so a per-layer check alone would refuse only after
-    earlier modules had been overwritten.
+    ``load_state_dict`` copies module by module, so a check that fails at a later layer would leave the
+    embeddings and earlier layers overwritten. Refused here, with the model untouched: a layer made with
+    another config; a factor of the wrong shape or holding NaN or inf; a layer with some of its factors but
+    not all; a dense ``weight`` where the layer holds factors. (A layer absent altogether is left to
+    ``strict``, which hooks do not see, so a ``strict=False`` partial load still works.)
     """
     for name, module in model.named_modules():
         if isinstance(module, StructuredParametrization):
             _check_spec_on_load(module, state_dict, f"{prefix}{name}.")
+    for name, module in model.named_modules():
+        if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+            if isinstance(module.parametrizations.weight[0], StructuredParametrization):
+                _check_factors_on_load(name, module, state_dict, f"{prefix}{name}." if name else prefix)
+
+
+def _check_factors_on_load(name: str, layer: nn.Module, state_dict, prefix: str) -> None:
+    parametrizations = layer.parametrizations.weight
+    method = parametrizations[0].method
+    keys = [f"{prefix}parametrizations.weight.original{i}" for i in range(len(parametrizations[0].factor_names))]
+    present = [key for key in keys if key in state_dict]
+    if not present and f"{prefix}weight" in state_dict:
+        raise ValueError(
+            f"state_dict holds a dense weight {prefix}weight for layer {name or '(model)'!r}, which lsparam turned "
+            f"into {method} factors: load it into the model before lsparam.parametrize (init='dense' then starts "
+            f"each layer from it), or load a state_dict saved from the parametrized model. Nothing was loaded."
+        )
+    if present and len(present) != len(keys):
+        missing = [key for key in keys if key not in state_dict]
+        raise ValueError(f"state_dict lacks the {method} factors {missing} of layer {name or '(model)'!r}; nothing was loaded")
+    for i, key in enumerate(keys):
+        if key not in state_dict:
+            continue
+        value, factor = state_dict[key], getattr(parametrizations, f"original{i}")
+        if tuple(value.shape) != tuple(factor.shape):
+            raise ValueError(
+                f"state_dict's {key} has shape {tuple(value.shape)}, but layer {name or '(model)'!r} holds "
+                f"{tuple(factor.shape)} ({method}, {parametrizations[0].factor_names[i]}); nothing was loaded"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"state_dict's {key} holds NaN or inf values; nothing was loaded")
 
 
 def _check_spec_on_load(module, state_dict, prefix, *args, **kwargs):

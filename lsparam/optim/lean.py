@@ -107,7 +107,9 @@ class LeanOptimizer(torch.optim.Optimizer):
         **optimizer_kwargs,
     ):
         _validate(optimizer_cls, lr, weight_decay, state_bits, accumulation_steps, clip_norm)
+        names = {}
         if isinstance(params, nn.Module):
+            names = {id(p): name for name, p in params.named_parameters()}
             params = param_groups_by_role(params, weight_decay)
         params = list(params)
         if state_bits == 32:
@@ -120,6 +122,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         self.clip_norm = clip_norm
         inner_cls = optimizer_cls if state_bits == 32 else lowbit_optimizer_class(optimizer_cls, state_bits)
         self._params = [p for group in self.param_groups for p in group["params"]]
+        self._names = [names.get(id(p), f"parameter {i}") for i, p in enumerate(self._params)]  # for messages
         self._micro_steps = defaultdict(int)  # per parameter (per_layer) or one counter (key None)
         self._proxies = {}  # id(parameter) -> (parameter, the padded flat Parameter the inner optimizer updates)
         # what each inner optimizer updates: the parameter itself, or a padded proxy of it (see _stepped)
@@ -264,6 +267,7 @@ class LeanOptimizer(torch.optim.Optimizer):
                 "accumulation_steps": self.accumulation_steps, "num_params": len(self._params)}
         if settings != mine:
             raise ValueError(f"optimizer state_dict was saved with settings {settings}; this optimizer has {mine}")
+        self._check_loadable(state_dict)
         for optimizer, saved in zip(self._inner, state_dict["inner"]):
             state = {int(k): {name: state_from_plain(v) for name, v in s.items()} for k, s in saved["state"].items()}
             groups = []
@@ -280,6 +284,40 @@ class LeanOptimizer(torch.optim.Optimizer):
         for i, target in enumerate(self._targets):
             grad = pending.get(str(i))
             target.grad = None if grad is None else grad.to(device=target.device, dtype=target.dtype).clone()
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        """Refuse, before anything is loaded, a state saved for other parameters: every state tensor and
+        pending gradient must have the shape of the tensor it belongs to. (A fused or low-bit kernel given
+        states of another shape corrupts memory instead of raising.)"""
+        inner = state_dict.get("inner")
+        if not isinstance(inner, list) or len(inner) != len(self._inner):
+            raise ValueError(f"optimizer state_dict holds {len(inner) if isinstance(inner, list) else inner!r} inner "
+                             f"optimizer states; this optimizer has {len(self._inner)}")
+        owners = {id(t): i for i, t in enumerate(self._targets)}
+        for optimizer, saved in zip(self._inner, inner):
+            live = [p for group in optimizer.param_groups for p in group["params"]]
+            saved_groups = saved.get("param_groups", [])
+            if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
+                raise ValueError("optimizer state_dict has other parameter groups than this optimizer; nothing was loaded")
+            for k, state in saved.get("state", {}).items():
+                if not 0 <= int(k) < len(live):
+                    raise ValueError(f"optimizer state_dict has state for parameter index {k}, beyond this optimizer's "
+                                     f"{len(live)}; nothing was loaded")
+                target = live[int(k)]
+                for key, value in state.items():
+                    shape = tuple(state_from_plain(value).shape) if isinstance(value, dict) else tuple(getattr(value, "shape", ()))
+                    if key != "step" and shape not in ((), tuple(target.shape)):
+                        raise ValueError(
+                            f"optimizer state {key!r} of {self._names[owners[id(target)]]!r} has shape {shape}, but the "
+                            f"parameter it updates has {tuple(target.shape)}: this state was saved for another model "
+                            f"or config; nothing was loaded"
+                        )
+        for index, grad in state_dict.get("pending_grads", {}).items():
+            i = int(index)
+            if not 0 <= i < len(self._targets) or tuple(grad.shape) != tuple(self._targets[i].shape):
+                where = self._names[i] if 0 <= i < len(self._targets) else f"parameter {index}"
+                raise ValueError(f"optimizer state_dict's pending gradient of {where!r} has shape {tuple(grad.shape)}, "
+                                 f"not the parameter's; nothing was loaded")
 
     def __repr__(self) -> str:
         return (
