@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 COLUMNS_HELP = """columns (GiB, 1 GiB = 2^30 bytes):
@@ -25,15 +26,10 @@ def _memory_command(args) -> int:
     from lsparam.memory import estimate
     from lsparam.presets import METHODS, llama_config, method_config
 
-    if args.model.endswith(".json"):
-        from transformers import AutoConfig
-
-        config, size = AutoConfig.from_pretrained(args.model), None
-    else:
-        config, size = llama_config(args.model), args.model
+    config, size = _model_config(args.model)
     rows = []
     for method in METHODS:
-        for bits in (32, 8):
+        for bits in (32, 8, 4) if args.state_bits == 4 else (32, 8):
             for per_layer in (False, True):
                 breakdown = estimate(
                     config, method_config(method, size), state_bits=bits, per_layer=per_layer,
@@ -60,6 +56,32 @@ def _memory_command(args) -> int:
     return 0
 
 
+def _model_config(model: str):
+    """``(config, size name or None)`` for ``--model``: a LLaMA size, or the path of a config.json."""
+    from lsparam.presets import LLAMA_SIZES, llama_config
+
+    if model in LLAMA_SIZES:
+        return llama_config(model), model
+    if not model.endswith(".json"):
+        raise CommandError(f"--model {model!r} is neither a size ({', '.join(LLAMA_SIZES)}) nor a path ending in .json")
+    if not os.path.isfile(model):
+        raise CommandError(f"--model {model!r}: no such file")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:  # bad JSON, or no model_type transformers knows
+        raise CommandError(f"--model {model!r} is not a transformers config.json: {error}") from None
+    if config.model_type != "llama":
+        raise CommandError(f"--model {model!r} is a {config.model_type!r} config; the memory table models LLaMA "
+                           f"configs (model_type 'llama')")
+    return config, None
+
+
+class CommandError(Exception):
+    """A bad command-line value: printed as one ``lsparam: ...`` line with exit status 2."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lsparam.presets import LLAMA_SIZES, METHODS
 
@@ -77,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--model", default="llama_7b",
                         help=f"a size ({', '.join(LLAMA_SIZES)}) or a transformers config.json path (default: llama_7b)")
     memory.add_argument("--method", default="sltrain", choices=METHODS, help="row to mark (default: sltrain)")
-    memory.add_argument("--state-bits", type=int, default=32, choices=(32, 8), help="row to mark (default: 32)")
+    memory.add_argument("--state-bits", type=int, default=32, choices=(32, 8, 4),
+                        help="row to mark; 4 adds the 4-bit rows (default: 32)")
     memory.add_argument("--per-layer", action="store_true", help="row to mark: per-layer updates")
     memory.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="parameter dtype (default: bf16)")
     memory.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default: 1)")
@@ -103,7 +126,11 @@ def main(argv=None) -> int:
         if getattr(args, name, 1) < 1:
             print(f"lsparam: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}", file=sys.stderr)
             return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except CommandError as error:
+        print(f"lsparam: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

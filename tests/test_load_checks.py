@@ -125,3 +125,9 @@ def test_a_dense_state_dict_into_a_parametrized_model_says_what_to_do():
                                          r"into the model before lsparam\.parametrize \(init='dense'"):
         model.load_state_dict(state)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_per_layer_must_be_a_bool(value):
+    with pytest.raises(TypeError, match=f"per_layer must be True or False; got per_layer={value!r}"):
+        LeanOptimizer(torch.nn.Linear(4, 4), torch.optim.AdamW, per_layer=value)

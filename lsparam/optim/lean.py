@@ -106,7 +106,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         clip_norm: float | None = None,
         **optimizer_kwargs,
     ):
-        _validate(optimizer_cls, lr, weight_decay, state_bits, accumulation_steps, clip_norm)
+        _validate(optimizer_cls, lr, weight_decay, per_layer, state_bits, accumulation_steps, clip_norm)
         names = {}
         if isinstance(params, nn.Module):
             names = {id(p): name for name, p in params.named_parameters()}
@@ -334,7 +334,9 @@ def _is_sharded(param: torch.Tensor) -> bool:
     return isinstance(param, DTensor)
 
 
-def _validate(optimizer_cls, lr, weight_decay, state_bits, accumulation_steps, clip_norm) -> None:
+def _validate(optimizer_cls, lr, weight_decay, per_layer, state_bits, accumulation_steps, clip_norm) -> None:
+    if not isinstance(per_layer, bool):  # "no" or 0.0 would otherwise count as true or false silently
+        raise TypeError(f"per_layer must be True or False; got per_layer={per_layer!r}")
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
         raise TypeError(f"optimizer_cls must be a torch.optim.Optimizer subclass; got {optimizer_cls!r}")
     for name, value in (("lr", lr), ("weight_decay", weight_decay)):
