@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from recipes.flags import MUST_MATCH, RecipeError
+from recipes.flags import MAY_CHANGE, MUST_MATCH, RecipeError
 
 if TYPE_CHECKING:
     from recipes.pretrain import Run
@@ -107,6 +107,7 @@ def save_checkpoint(run: Run) -> None:
         tmp.mkdir(parents=True)
     barrier(run)
     weights = full_state_dict(run)
+    _refuse_non_finite(run, weights, root)
     if rank == 0:
         metadata = {"step": str(step), "args": json.dumps(vars(args)), "config": run.config.to_json_string()}
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata=metadata)
@@ -125,6 +126,38 @@ def save_checkpoint(run: Run) -> None:
         for old in sorted(root.glob("step_*"))[: -args.keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(run)
+
+
+def _refuse_non_finite(run: Run, weights: dict | None, root: Path) -> None:
+    """Never write a checkpoint of non-finite weights or optimizer states: stop the run instead, leaving the
+    last good checkpoint the newest, and say how to go on from it. All ranks agree before anyone raises."""
+    tensors = list((weights or {}).values()) + _state_tensors(run.optimizer.state_dict())
+    bad = torch.tensor(float(any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors)))
+    if run.world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        shutil.rmtree(root / f".tmp-step_{run.step:08d}", ignore_errors=True) if run.rank == 0 else None
+        raise FloatingPointError(non_finite_message(run, "the weights or optimizer states are not finite", run.step))
+
+
+def non_finite_message(run: Run, what: str, step: int) -> str:
+    """What happened at this step and how to resume from the newest good checkpoint with other settings."""
+    good = sorted((Path(run.args.out) / "checkpoints").glob("step_*"))
+    where = (f"The newest good checkpoint is {good[-1]}: resume from it with other settings, e.g. "
+             f"--resume {good[-1]} --lr {run.args.lr / 10:g} (--lr, --weight-decay, --clip-norm, --warmup and "
+             f"--min-lr-ratio take effect on resume)" if good else
+             "No checkpoint was written before; start again with a lower --lr or --clip-norm")
+    return f"stopped at step {step}: {what}; nothing was saved for this step. {where}."
+
+
+def _state_tensors(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _state_tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _state_tensors(v)]
+    return []
 
 
 # ---- resuming --------------------------------------------------------------------------------------
@@ -176,18 +209,34 @@ def load_weights(raw: torch.nn.Module, path: Path, args) -> None:
         raw.load_state_dict(weights)
 
 
-def restore_training_state(run: Run, saved: dict, path: Path) -> None:
-    """Optimizer, scheduler, data position, RNG states and step from ``saved`` (:func:`read_training_state`)."""
+def restore_training_state(run: Run, saved: dict, path: Path) -> dict:
+    """Optimizer, scheduler, data position, RNG states and step from ``saved`` (:func:`read_training_state`).
+
+    The flags that may change on resume take effect: the learning rate and weight decay of this run (the
+    optimizer's saved groups would otherwise win), and the schedule's warmup and floor, clipping and the
+    eval/save cadence, which are read from the flags anyway. Returns ``{flag: [saved, now]}`` of what
+    changed.
+    """
+    fresh = [(group["initial_lr"], group["weight_decay"]) for group in run.optimizer.param_groups]
     optimizer = saved["optimizer"]
     if optimizer is None:  # not sharded: rank 0's file holds it
         optimizer = torch.load(path / "state_rank0.pt", weights_only=True, map_location="cpu")["optimizer"]
     run.optimizer.load_state_dict(plain_optimizer_state(optimizer, False))
     run.scheduler.load_state_dict(saved["scheduler"])
+    step = run.scheduler.last_epoch
+    for i, (group, (lr, weight_decay)) in enumerate(zip(run.optimizer.param_groups, fresh)):
+        group.update(initial_lr=lr, weight_decay=weight_decay)
+        group["lr"] = lr * run.scheduler.lr_lambdas[i](step)
+    run.scheduler.base_lrs = [lr for lr, _ in fresh]
     run.data.train.load_state_dict(saved["data"])
     set_rng_state(saved["rng"])
     run.step = saved["step"]
+    changed = {k: [saved["args"].get(k), getattr(run.args, k)] for k in MAY_CHANGE
+               if k in saved["args"] and saved["args"][k] != getattr(run.args, k)}
     if run.rank == 0:
-        print(f"resumed from {path} at step {saved['step']}")
+        note = "; ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
+        print(f"resumed from {path} at step {saved['step']}{f' ({note})' if note else ''}")
+    return changed
 
 
 # ---- reloading and export --------------------------------------------------------------------------

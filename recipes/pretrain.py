@@ -49,6 +49,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -240,7 +241,9 @@ def setup(args) -> Run:
               model=model, raw=raw, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
               tokens_per_step=tokens_per_step)
     if path is not None:
-        checkpoint.restore_training_state(run, saved, path)
+        changed = checkpoint.restore_training_state(run, saved, path)
+        if changed:
+            log(run, {"type": "resume", "step": run.step, "changed": changed})
     return run
 
 
@@ -325,6 +328,10 @@ def train(run: Run) -> dict:
                 grads = [p.grad for p in run.raw.parameters() if p.grad is not None]
                 norm = torch.nn.utils.get_total_norm(grads) / args.accumulation_steps
                 grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+                if not math.isfinite(grad_norm):  # one NaN entry, clipped globally, would reach every weight
+                    raise FloatingPointError(checkpoint.non_finite_message(run, f"the gradient norm is {grad_norm}", run.step + 1))
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(checkpoint.non_finite_message(run, f"the loss is {loss.item()}", run.step + 1))
             optimizer.step()
             optimizer.zero_grad()
             loss_sum += loss.detach().float()
@@ -341,8 +348,6 @@ def train(run: Run) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_here / seconds:,.0f}", lr=f"{float(lr):.1e}",
                         mem=f"{memory:,.0f}MiB", refresh=False)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {run.step}: lower --lr or keep --clip-norm")
         if args.eval_every and run.step % args.eval_every == 0 and run.step < total:
             log_eval(run)
         if args.save_every and run.step % args.save_every == 0:
@@ -377,6 +382,9 @@ def main(argv=None) -> dict | None:
         return summary
     except RecipeError as error:
         parser.error(str(error))
+    except FloatingPointError as error:  # a diverged run: the message says where to resume from
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -440,3 +440,50 @@ def test_fsdp2_on_two_ranks_trains_and_resumes(aligned, tmp_path):
     assert "at step 4" in resumed.stdout
     again = [r["loss"] for r in read_metrics(tmp_path / "resumed")[0]]
     torch.testing.assert_close(again, losses, rtol=1e-6, atol=1e-6)
+
+
+# ---- divergence and resume with new settings ----------------------------------------------------------
+
+
+def test_a_diverging_run_stops_and_never_checkpoints_non_finite_state(corpus, tmp_path, capsys, restore_torch_globals):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "diverge"
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(common(corpus, out, "--method", "sltrain", "--steps", "6", "--save-every", "1", "--lr", "1e20"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "stopped at step" in err and "nothing was saved for this step" in err and "--resume" in err
+    saved = sorted((out / "checkpoints").glob("step_*"))
+    assert saved, "the first step's checkpoint should exist"
+    for path in saved:
+        weights = load_file(str(path / "model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()), path
+        state = torch.load(path / "state_rank0.pt", weights_only=True)["optimizer"]
+        tensors = [t for inner in state["inner"] for s in inner["state"].values() for t in s.values()
+                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        assert all(torch.isfinite(t).all() for t in tensors), path
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_takes_the_new_learning_rate_and_weight_decay(corpus, tmp_path, restore_torch_globals):
+    """The optimizer's saved groups used to win over the new flags, while the banner showed the new ones."""
+    first = tmp_path / "first"
+    pretrain.main(common(corpus, first, "--method", "lost", "--steps", "2", "--lr", "1e-3", "--weight-decay", "0"))
+    resumed = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(first, resumed)
+    new = ("--lr", "5e-4", "--weight-decay", "0.1")
+    pretrain.main(common(corpus, resumed, "--method", "lost", "--steps", "4", "--resume", "auto", *new))
+    reference = tmp_path / "reference"  # the same schedule from the start: the learning rates to expect
+    pretrain.main(common(corpus, reference, "--method", "lost", "--steps", "4", *new))
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert {"type": "resume", "step": 2, "changed": {"lr": [1e-3, 5e-4], "weight_decay": [0.0, 0.1]}} in records
+    lrs = {r["step"]: r["lr"] for r in records if r["type"] == "train"}
+    expected = {r["step"]: r["lr"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())
+                if r["type"] == "train"}
+    assert lrs[3] == pytest.approx(expected[3]) and lrs[4] == pytest.approx(expected[4])
+    state = torch.load(resumed / "checkpoints" / "step_00000004" / "state_rank0.pt", weights_only=True)["optimizer"]
+    decays = {group["weight_decay"] for inner in state["inner"] for group in inner["param_groups"]}
+    assert decays == {0.1, 0.0}  # factors and weights decay at the new rate; norms and biases never do
