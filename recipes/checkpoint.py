@@ -221,7 +221,14 @@ def restore_training_state(run: Run, saved: dict, path: Path) -> dict:
     optimizer = saved["optimizer"]
     if optimizer is None:  # not sharded: rank 0's file holds it
         optimizer = torch.load(path / "state_rank0.pt", weights_only=True, map_location="cpu")["optimizer"]
-    run.optimizer.load_state_dict(plain_optimizer_state(optimizer, False))
+    try:
+        run.optimizer.load_state_dict(plain_optimizer_state(optimizer, False))
+    except ValueError as error:
+        raise RecipeError(
+            f"checkpoint {str(path)!r}: its optimizer state does not fit this run's optimizer ({error}). Switching "
+            f"--linear-lr-scale between 1 and another value changes the optimizer's parameter groups: resume with "
+            f"--linear-lr-scale {saved['args'].get('linear_lr_scale', 1.0):g}"
+        ) from None
     run.scheduler.load_state_dict(saved["scheduler"])
     step = run.scheduler.last_epoch
     for i, (group, (lr, weight_decay)) in enumerate(zip(run.optimizer.param_groups, fresh)):

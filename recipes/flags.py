@@ -45,7 +45,8 @@ KNOBS = {  # flag dest -> (config field, methods that have it)
 MUST_MATCH = ("model", "method", *KNOBS, "precision", "batch_size", "seq_len", "accumulation_steps", "per_layer",
               "state_bits", "dataset", "data_files", "valid_files", "tokenizer", "vocab_size", "seed", "parallel")
 # Flags a resumed run may change: they take effect from the resumed step (recipes.checkpoint).
-MAY_CHANGE = ("lr", "weight_decay", "clip_norm", "warmup", "min_lr_ratio", "eval_every", "eval_batches", "save_every", "keep")
+MAY_CHANGE = ("lr", "linear_lr_scale", "weight_decay", "clip_norm", "warmup", "min_lr_ratio", "eval_every", "eval_batches",
+              "save_every", "keep")
 DEFAULT_STEPS = 300  # the offline CPU run when neither --steps nor --tokens is given
 DESCRIPTION = "Pretrain a LLaMA with low-rank plus sparse weights (SLTrain, LOST), or a baseline."
 

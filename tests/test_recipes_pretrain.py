@@ -487,3 +487,12 @@ def test_resume_takes_the_new_learning_rate_and_weight_decay(corpus, tmp_path, r
     state = torch.load(resumed / "checkpoints" / "step_00000004" / "state_rank0.pt", weights_only=True)["optimizer"]
     decays = {group["weight_decay"] for inner in state["inner"] for group in inner["param_groups"]}
     assert decays == {0.1, 0.0}  # factors and weights decay at the new rate; norms and biases never do
+
+
+def test_resume_with_other_parameter_groups_is_an_error_line(corpus, tmp_path, capsys, restore_torch_globals):
+    out = tmp_path / "groups"
+    pretrain.main(common(corpus, out, "--method", "lost", "--steps", "2"))
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(common(corpus, out, "--method", "lost", "--steps", "3", "--resume", "auto", "--linear-lr-scale", "0.5"))
+    assert exit_info.value.code == 2
+    assert "resume with --linear-lr-scale 1" in capsys.readouterr().err
