@@ -63,7 +63,7 @@ from torch import nn
 
 from recipes import checkpoint
 from recipes.summary import peak_memory_mib, summarize
-from recipes.checkpoint import export_checkpoint, model_from_checkpoint  # noqa: F401  (docs/recipes.md names them here)
+from recipes.checkpoint import export_checkpoint
 from recipes.flags import DEFAULT_STEPS, RecipeError, build_parser, check_args, exporting_a_checkpoint, method_settings, model_size_name
 
 
