@@ -1,6 +1,6 @@
 """A corpus of book-length text files as shuffled passages, so a short run samples every book.
 
-The shared corpus is 9 training files of about 15 books each, and ``recipes/data`` reads a ``.txt``
+The study's book corpus is 9 training files of about 15 books each, and ``recipes/data`` reads a ``.txt``
 file as one document. A run of 500k tokens therefore reads the first books of a single file, chosen by
 the seed's shard order: the first quality study measured seed-to-seed swings of up to 1.8x in
 perplexity from that alone, and validation on the first 65k tokens of the validation file saw one book.
