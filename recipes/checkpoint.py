@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,10 +101,14 @@ def save_checkpoint(run: Run) -> None:
     args, rank, step = run.args, run.rank, run.step
     root = Path(args.out) / "checkpoints"
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
-    if final.exists():  # complete by construction (renamed into place only when whole)
+    if final.exists() and damage(final) is None:  # whole when renamed into place; damaged later only by hand or disk
         return
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (*root.glob(".tmp-step_*"), *root.glob(".trash-step_*")):  # of runs killed mid-write
+            shutil.rmtree(leftover, ignore_errors=True)
+        if final.exists():  # damaged since (resume passed over it): replaced by this step's checkpoint
+            os.replace(final, root / f".trash-{final.name}")
+            shutil.rmtree(root / f".trash-{final.name}", ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(run)
     weights = full_state_dict(run)
@@ -123,8 +128,10 @@ def save_checkpoint(run: Run) -> None:
             _fsync(file)
         os.replace(tmp, final)
         _fsync(root)
-        for old in sorted(root.glob("step_*"))[: -args.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in sorted(root.glob("step_*"))[: -args.keep]:  # renamed first: never a half-deleted step_*
+            trash = root / f".trash-{old.name}"
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
     barrier(run)
 
 
@@ -162,13 +169,47 @@ def _state_tensors(value) -> list:
 
 # ---- resuming --------------------------------------------------------------------------------------
 def find_checkpoint(args) -> Path | None:
-    """The checkpoint --resume names: 'auto' gives the newest complete one in --out (or None)."""
+    """The checkpoint --resume names: 'auto' gives the newest intact one in --out (or None when there is
+    none), passing over damaged ones (a truncated or missing file) with a note on stderr."""
     if args.resume is None:
         return None
-    if args.resume == "auto":
-        found = sorted((Path(args.out) / "checkpoints").glob("step_*"))
-        return found[-1] if found else None
-    return Path(args.resume)
+    if args.resume != "auto":
+        return Path(args.resume)
+    found = sorted((Path(args.out) / "checkpoints").glob("step_*"), reverse=True)
+    for path in found:
+        problem = damage(path)
+        if problem is None:
+            return path
+        print(f"note: checkpoint {path} is damaged ({problem}); trying the one before it", file=sys.stderr)
+    if found:
+        raise RecipeError(f"every checkpoint in {str(Path(args.out) / 'checkpoints')!r} is damaged (see the notes "
+                          f"above); start afresh in another --out, or name one with --resume PATH")
+    return None
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint directory's files, or None when every one of them reads whole."""
+    from safetensors.torch import load_file
+
+    weights = path / "model.safetensors"
+    states = sorted(path.glob("state_rank*.pt"))
+    if not weights.is_file():
+        return "no model.safetensors"
+    if not states:
+        return "no state_rank*.pt"
+    for file in (weights, *states):
+        try:
+            load_file(str(file)) if file == weights else torch.load(file, weights_only=True, map_location="cpu")
+        except Exception as error:  # truncated, empty or foreign: any reader error means "not intact"
+            return f"{file.name}: {_reason(error)}"
+    return None
+
+
+def _reason(error: Exception) -> str:
+    """An exception's first line, without PyTorch's advice to load with weights_only=False (it would run
+    whatever pickle the file holds)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first and "weights_only" not in first else type(error).__name__
 
 
 def read_training_state(path: Path, args, rank: int, world: int) -> dict:
@@ -183,7 +224,7 @@ def read_training_state(path: Path, args, rank: int, world: int) -> dict:
     try:
         saved = torch.load(file, weights_only=True, map_location=None if sharded else "cpu")
     except Exception as error:  # an unreadable or foreign file: say which, not a pickle traceback
-        raise RecipeError(f"checkpoint {str(path)!r}: cannot read {file.name} ({type(error).__name__}: {error})") from None
+        raise RecipeError(f"checkpoint {str(path)!r}: cannot read {file.name} ({_reason(error)})") from None
     missing = [k for k in ("step", "args", "world_size", "optimizer", "scheduler", "rng", "data") if k not in saved]
     if missing:
         raise RecipeError(f"checkpoint {str(path)!r}: {file.name} lacks {missing}; it was not written by recipes/pretrain.py")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -19,8 +20,31 @@ def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {str(run_dir)!r}: is it a run directory of recipes/pretrain.py?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = parse_metrics(path.read_text())
     return [r for r in records if r.get("type") == "train"], [r for r in records if r.get("type") == "eval"]
+
+
+def parse_metrics(text: str, *, source: str = "metrics.jsonl") -> list[dict]:
+    """The records of a ``metrics.jsonl`` text. A last line cut short (a run killed or a disk full while
+    writing it) is dropped with a note on stderr; a damaged line anywhere else is an error naming it.
+
+    >>> parse_metrics('{"step": 1}\n{"step": 2}\n{"ste')
+    [{'step': 1}, {'step': 2}]
+    """
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                print(f"note: the last line of {source} was cut short (a write interrupted); dropped it",
+                      file=sys.stderr)
+                break
+            raise ValueError(f"{source}, line {number}, is not a JSON record: {line[:80]!r}") from None
+    return records
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

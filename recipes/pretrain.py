@@ -287,24 +287,34 @@ def log_eval(run: Run) -> float:
     return loss
 
 
-def _restart_metrics(run: Run) -> float | None:
+def _restart_metrics(run: Run) -> list[dict]:
     """Rewrite metrics.jsonl with the records up to the resumed step (a killed run may have logged past its
-    checkpoint); returns the step-0 validation loss, measured now on a fresh run."""
+    checkpoint; a torn last line is dropped), atomically: a temporary file ``os.replace``d over it. Returns
+    the records kept (rank 0; empty elsewhere)."""
+    from recipes.plot import parse_metrics
+
     metrics, start = Path(run.args.out) / "metrics.jsonl", run.step
     kept = []
     if run.rank == 0 and start > 0 and metrics.exists():
-        kept = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] <= start]
+        kept = [r for r in parse_metrics(metrics.read_text(), source=str(metrics)) if r["step"] <= start]
     if run.rank == 0:
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    first = [r["val_loss"] for r in kept if r["type"] == "eval" and r["step"] == 0]
-    return log_eval(run) if start == 0 else (first[0] if first else None)
+        partial = metrics.with_name(".metrics.jsonl.tmp")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(partial, metrics)
+    return kept
+
+
+def _logged_eval(records: list[dict], step: int) -> float | None:
+    return next((r["val_loss"] for r in records if r["type"] == "eval" and r["step"] == step), None)
 
 
 def train(run: Run) -> dict:
     from tqdm import tqdm
 
     args, model, optimizer, scheduler, total = run.args, run.model, run.optimizer, run.scheduler, run.total_steps
-    first_loss = _restart_metrics(run)
+    start = run.step
+    kept = _restart_metrics(run)
+    first_loss = log_eval(run) if start == 0 else _logged_eval(kept, 0)
     batches = iter(run.data.train)
     name = Path(args.model).stem
     if run.rank == 0:
@@ -355,7 +365,10 @@ def train(run: Run) -> dict:
         if args.kill_after_step == run.step:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    final_loss = log_eval(run)
+    if run.step == start and _logged_eval(kept, start) is not None:  # a finished run resumed: logged already
+        final_loss = evaluate(run)
+    else:
+        final_loss = log_eval(run)
     checkpoint.save_checkpoint(run)
     return {"first_loss": first_loss, "final_loss": final_loss, "train_seconds": seconds,
             "tokens_per_s": tokens_here / seconds if tokens_here else None}

@@ -496,3 +496,49 @@ def test_resume_with_other_parameter_groups_is_an_error_line(corpus, tmp_path, c
         pretrain.main(common(corpus, out, "--method", "lost", "--steps", "3", "--resume", "auto", "--linear-lr-scale", "0.5"))
     assert exit_info.value.code == 2
     assert "resume with --linear-lr-scale 1" in capsys.readouterr().err
+
+
+# ---- damaged files -------------------------------------------------------------------------------------
+
+
+def test_a_torn_metrics_line_and_a_finished_run_resume_cleanly(corpus, tmp_path, capsys, restore_torch_globals):
+    out = tmp_path / "torn"
+    pretrain.main(common(corpus, out, "--method", "lost", "--steps", "2", "--save-every", "1"))
+    # a finished run resumed logs nothing twice
+    pretrain.main(common(corpus, out, "--method", "lost", "--steps", "2", "--resume", "auto"))
+    train, evals = read_metrics(out)
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [0, 2]
+    # a line cut short (disk full, or a kill mid-write) costs that line only
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "st')
+    capsys.readouterr()
+    pretrain.main(common(corpus, out, "--method", "lost", "--steps", "3", "--resume", "auto"))
+    assert "was cut short" in capsys.readouterr().err
+    train, evals = read_metrics(out)
+    assert [r["step"] for r in train] == [1, 2, 3] and [r["step"] for r in evals] == [0, 2, 3]
+    assert not (out / ".metrics.jsonl.tmp").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "empty state", "missing state"])
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint(damage, corpus, tmp_path, capsys, restore_torch_globals):
+    out = tmp_path / "damaged"
+    pretrain.main(common(corpus, out, "--method", "sltrain", "--steps", "3", "--save-every", "1", "--keep", "3"))
+    newest = out / "checkpoints" / "step_00000003"
+    if damage == "truncated weights":
+        data = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "empty state":
+        (newest / "state_rank0.pt").write_bytes(b"")
+    else:
+        (newest / "state_rank0.pt").unlink()
+    capsys.readouterr()
+    pretrain.main(common(corpus, out, "--method", "sltrain", "--steps", "4", "--resume", "auto", "--keep", "3",
+                         "--save-every", "1"))
+    captured = capsys.readouterr()
+    assert f"checkpoint {newest} is damaged" in captured.err and "weights_only=False" not in captured.err
+    assert "resumed from" in captured.out and "step_00000002 at step 2" in captured.out
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())  # no temporary or half-deleted folders
+    assert kept == ["step_00000002", "step_00000003", "step_00000004"]
+    from recipes.checkpoint import damage
+
+    assert all(damage(out / "checkpoints" / name) is None for name in kept)  # the damaged one was rewritten
