@@ -201,3 +201,12 @@ def test_no_warning_for_a_dense_init_that_saves_parameters():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         parametrized(layer, lsparam.LOSTConfig(rank=16, init="dense"))
+
+
+def test_a_gamma_too_small_for_the_dense_init_is_refused_with_the_model_untouched():
+    """γ·B A = SVD_r needs B A = SVD_r / γ: a subnormal γ (found by hypothesis) overflows to inf."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, dtype=torch.float64))
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"gamma=2\.2e-311 is too small for init='dense' on layer '0'"):
+        lsparam.parametrize(model, lsparam.LOSTConfig(rank=2, gamma=2.2e-311, init="dense"))
+    assert lsparam.structured_layers(model) == {} and torch.equal(model[0].weight, before)

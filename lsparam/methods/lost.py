@@ -118,6 +118,12 @@ class LOSTParametrization(StructuredParametrization):
         if gamma > 0.0:
             residual = original - B @ A
             B, A = B / math.sqrt(gamma), A / math.sqrt(gamma)  # γ·B A is the truncated SVD
+            if not bool(torch.isfinite(B @ A).all()):
+                raise ValueError(
+                    f"gamma={gamma!r} is too small for init='dense' on layer {self.layer_name!r}: B A must carry "
+                    f"1/gamma to reproduce the truncated SVD, which overflows. Use gamma=0 (no low-rank path) or a "
+                    f"larger gamma."
+                )
         else:
             residual = original
         channels = self._keep_channels(residual)
