@@ -168,7 +168,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
               with ``--state-bits 8|4``, or without the ``galore-torch`` package;
             - ``--export`` with ``--method lost-silu`` (no dense form);
             - ``--parallel ddp|fsdp`` outside torchrun, or a torchrun launch with ``--parallel none``;
-            - ``--resume PATH`` that is not a checkpoint directory.
+            - ``--resume PATH`` that is not a checkpoint directory; ``--seed`` outside [0, 2**32).
     """
     args.config_path = str(find_config(args.model))
     if args.tokens is not None and args.steps is not None:
@@ -179,6 +179,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in positive + (("threads",) if args.threads is not None else ()) + (("eval_batches",) if args.eval_batches is not None else ()):
         if getattr(args, name) < 1:
             raise RecipeError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:  # numpy's and torch's seeds are unsigned 32-bit
+        raise RecipeError(f"--seed must lie in [0, 2**32); got {args.seed}")
     if args.seq_len < 2:
         raise RecipeError(f"--seq-len must be >= 2 (the model predicts token t+1 from tokens <= t); got {args.seq_len}")
     for name in ("steps", "eval_every", "save_every", "clip_norm", "weight_decay"):

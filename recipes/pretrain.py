@@ -374,6 +374,17 @@ def train(run: Run) -> dict:
             "tokens_per_s": tokens_here / seconds if tokens_here else None}
 
 
+def _writable_out(out: Path) -> None:
+    """Create --out, and check that files can be written there, before any work is done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"  # one per process: ranks probe at the same time
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise RecipeError(f"--out {str(out)!r} cannot be written to ({error.strerror or error})") from None
+
+
 def main(argv=None) -> dict | None:
     for noisy in ("torchao", "torch.utils._pytree", "bitsandbytes"):  # optional-kernel notices at import
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -384,7 +395,7 @@ def main(argv=None) -> dict | None:
         check_args(args)
         if exporting_a_checkpoint(args):  # export a checkpoint, no run
             return export_checkpoint(args.resume, args.export)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+        _writable_out(Path(args.out))
         run = setup(args)
         result = train(run)
         summary = summarize(run, result)

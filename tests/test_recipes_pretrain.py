@@ -542,3 +542,18 @@ def test_resume_auto_passes_over_a_damaged_newest_checkpoint(damage, corpus, tmp
     from recipes.checkpoint import damage
 
     assert all(damage(out / "checkpoints" / name) is None for name in kept)  # the damaged one was rewritten
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], r"--seed must lie in \[0, 2\*\*32\); got -1"),
+    (["--out", "FILE/sub"], r"--out '.*FILE/sub' cannot be written to \(Not a directory\)"),
+])
+def test_bad_seed_or_out_is_one_error_line(flags, message, corpus, tmp_path, capsys, restore_torch_globals):
+    (tmp_path / "FILE").write_text("")
+    flags = [str(tmp_path / f) if f.startswith("FILE") else f for f in flags]
+    args = common(corpus, tmp_path / "out", "--steps", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(args + flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(message, err) and "Traceback" not in err, err
