@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from lsparam.config import default_config
 from lsparam.methods import method_for
 from lsparam.methods.base import StructuredParametrization, check_specs_before_loading, remove_structured_weight
-from lsparam.layer_types import build_view, is_transposed
+from lsparam.layer_types import build_view, is_conv1d
 from lsparam.sparse.matmul import is_shape_only
 from lsparam.targets import ALL_LINEAR, configs_per_layer, select_linear_layers
 from lsparam.weight import NoDenseFormError
@@ -81,7 +81,7 @@ def parametrize(model: nn.Module, config=None, *, target_modules=ALL_LINEAR, exc
                 f"build for method {method.name!r} must return a StructuredParametrization; "
                 f"got {type(parametrization).__name__}"
             )
-        parametrization.transposed = is_transposed(layers[name])
+        parametrization.transposed = is_conv1d(layers[name])  # Conv1D stores its weight in×out
         built[name] = parametrization
 
     show = len(built) >= _PROGRESS_MIN_LAYERS if progress is None else progress

@@ -24,7 +24,7 @@ COLUMNS_HELP = """columns (GiB, 1 GiB = 2^30 bytes):
 
 def _memory_command(args) -> int:
     from lsparam.memory import estimate
-    from lsparam.presets import METHODS, llama_config, method_config
+    from lsparam.presets import METHODS, method_config
 
     config, size = _model_config(args.model)
     rows = []
@@ -66,8 +66,9 @@ def _model_config(model: str):
         raise CommandError(f"--model {model!r} is neither a size ({', '.join(LLAMA_SIZES)}) nor a path ending in .json")
     if not os.path.isfile(model):
         raise CommandError(f"--model {model!r}: no such file")
-    from transformers import AutoConfig
+    from lsparam.extras import require
 
+    AutoConfig = require("transformers", "hf", "lsparam memory --model CONFIG.json").AutoConfig
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as error:  # bad JSON, or no model_type transformers knows

@@ -63,8 +63,3 @@ def build_view(layer: nn.Module):
         in_features, out_features = layer.weight.shape
         return LayerView(layer, out_features, in_features, layer.weight.t())
     return layer
-
-
-def is_transposed(layer: nn.Module) -> bool:
-    """Whether ``layer`` stores its weight ``in×out``."""
-    return is_conv1d(layer)

@@ -23,6 +23,7 @@ import random
 import shutil
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,13 +113,14 @@ def save_checkpoint(run: Run) -> None:
         tmp.mkdir(parents=True)
     barrier(run)
     weights = full_state_dict(run)
-    _refuse_non_finite(run, weights, root)
+    optimizer = run.optimizer.state_dict()
+    _refuse_non_finite(run, weights, optimizer, root)
     if rank == 0:
         metadata = {"step": str(step), "args": json.dumps(vars(args)), "config": run.config.to_json_string()}
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata=metadata)
         run.data.tokenizer.save_pretrained(str(tmp / "tokenizer"))
     sharded = args.parallel == "fsdp"
-    optimizer = plain_optimizer_state(run.optimizer.state_dict(), True) if (sharded or rank == 0) else None
+    optimizer = plain_optimizer_state(optimizer, True) if (sharded or rank == 0) else None
     torch.save({"step": step, "args": vars(args), "world_size": run.world, "optimizer": optimizer,
                 "scheduler": run.scheduler.state_dict(), "rng": rng_state(),
                 "data": run.data.train.state_dict()}, tmp / f"state_rank{rank}.pt")
@@ -135,15 +137,18 @@ def save_checkpoint(run: Run) -> None:
     barrier(run)
 
 
-def _refuse_non_finite(run: Run, weights: dict | None, root: Path) -> None:
+def _refuse_non_finite(run: Run, weights: dict | None, optimizer: dict, root: Path) -> None:
     """Never write a checkpoint of non-finite weights or optimizer states: stop the run instead, leaving the
     last good checkpoint the newest, and say how to go on from it. All ranks agree before anyone raises."""
-    tensors = list((weights or {}).values()) + _state_tensors(run.optimizer.state_dict())
-    bad = torch.tensor(float(any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors)))
+    from torch.utils._pytree import tree_leaves
+
+    tensors = [t for t in tree_leaves([weights or {}, optimizer]) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    bad = torch.tensor(float(any(not bool(torch.isfinite(t).all()) for t in tensors)))
     if run.world > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
-        shutil.rmtree(root / f".tmp-step_{run.step:08d}", ignore_errors=True) if run.rank == 0 else None
+        if run.rank == 0:
+            shutil.rmtree(root / f".tmp-step_{run.step:08d}", ignore_errors=True)
         raise FloatingPointError(non_finite_message(run, "the weights or optimizer states are not finite", run.step))
 
 
@@ -155,16 +160,6 @@ def non_finite_message(run: Run, what: str, step: int) -> str:
              f"--min-lr-ratio take effect on resume)" if good else
              "No checkpoint was written before; start again with a lower --lr or --clip-norm")
     return f"stopped at step {step}: {what}; nothing was saved for this step. {where}."
-
-
-def _state_tensors(value) -> list:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _state_tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _state_tensors(v)]
-    return []
 
 
 # ---- resuming --------------------------------------------------------------------------------------
@@ -188,8 +183,10 @@ def find_checkpoint(args) -> Path | None:
 
 
 def damage(path: Path) -> str | None:
-    """What is wrong with a checkpoint directory's files, or None when every one of them reads whole."""
-    from safetensors.torch import load_file
+    """What is wrong with a checkpoint directory's files, or None when each is whole: the safetensors header
+    must cover the file, and each state file's zip directory must read (both fail on a truncated or empty
+    file, without loading any tensor)."""
+    from safetensors import safe_open
 
     weights = path / "model.safetensors"
     states = sorted(path.glob("state_rank*.pt"))
@@ -199,7 +196,11 @@ def damage(path: Path) -> str | None:
         return "no state_rank*.pt"
     for file in (weights, *states):
         try:
-            load_file(str(file)) if file == weights else torch.load(file, weights_only=True, map_location="cpu")
+            if file == weights:
+                with safe_open(str(file), "pt"):
+                    pass
+            else:
+                zipfile.ZipFile(file).close()  # torch.save writes a zip archive
         except Exception as error:  # truncated, empty or foreign: any reader error means "not intact"
             return f"{file.name}: {_reason(error)}"
     return None

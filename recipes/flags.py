@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lsparam.config import LOST_SPARSE_INITS, SPARSE_BACKENDS
-from lsparam.presets import DEFAULT_LR
+from lsparam.presets import DEFAULT_LR, size_of
 from lsparam.presets import METHODS as LIBRARY_METHODS
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -226,7 +226,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     except (OSError, ValueError) as error:
         raise RecipeError(f"--model {args.model!r}: not a LlamaConfig JSON ({error})") from None
     args.hidden_size = config.hidden_size
-    method_settings(args, model_size_name(config))  # a bad knob value fails here, before any data is read
+    method_settings(args, size_of(config))  # a bad knob value fails here, before any data is read
     args.out = args.out or f"runs/{Path(args.model).stem}-{args.method}"
     return args
 
@@ -247,13 +247,6 @@ def _check_parallel_and_optimizer(args: argparse.Namespace) -> None:
             import galore_torch  # noqa: F401
         except ImportError:
             raise RecipeError("--method galore needs the galore-torch package: pip install galore-torch") from None
-
-
-def model_size_name(config) -> str | None:
-    """The lsparam.presets size whose shape this config has (for the papers' per-size defaults), else None."""
-    from lsparam.presets import size_of
-
-    return size_of(config)
 
 
 def method_settings(args: argparse.Namespace, size: str | None):

@@ -61,10 +61,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lsparam.presets import size_of
 from recipes import checkpoint
 from recipes.summary import peak_memory_mib, summarize
 from recipes.checkpoint import export_checkpoint
-from recipes.flags import DEFAULT_STEPS, RecipeError, build_parser, check_args, exporting_a_checkpoint, method_settings, model_size_name
+from recipes.flags import DEFAULT_STEPS, RecipeError, build_parser, check_args, exporting_a_checkpoint, method_settings
 
 
 @dataclass
@@ -225,7 +226,7 @@ def setup(args) -> Run:
     config.max_position_embeddings = max(config.max_position_embeddings, args.seq_len)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, name, getattr(data.tokenizer, name, None))
-    settings = method_settings(args, model_size_name(config))
+    settings = method_settings(args, size_of(config))
     raw = build_model(args, config, settings, device)
     if args.grad_checkpointing:
         raw.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -340,11 +341,12 @@ def train(run: Run) -> dict:
                 grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
                 if not math.isfinite(grad_norm):  # one NaN entry, clipped globally, would reach every weight
                     raise FloatingPointError(checkpoint.non_finite_message(run, f"the gradient norm is {grad_norm}", run.step + 1))
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(checkpoint.non_finite_message(run, f"the loss is {loss.item()}", run.step + 1))
+            loss_sum += loss.detach().float()
+            # once per step, before the update (earlier micro-batches only accumulate): one sync, not one each
+            if last and not bool(torch.isfinite(loss_sum)):
+                raise FloatingPointError(checkpoint.non_finite_message(run, f"the loss is {loss_sum.item()}", run.step + 1))
             optimizer.step()
             optimizer.zero_grad()
-            loss_sum += loss.detach().float()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         run.step += 1

@@ -365,12 +365,7 @@ def test_mlm_continued_training_then_vanilla_reload(method, encoder, mlm_batches
 
 def test_the_continued_pretraining_recipe_runs_end_to_end(tmp_path, capsys):
     """``recipes/continued_pretraining.py``, shortened: the path a user follows, checked on its own figures."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "recipes" / "continued_pretraining.py"
-    spec = importlib.util.spec_from_file_location("continued_pretraining", path)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    from recipes import continued_pretraining as recipe  # imported here: it sets HF_HUB_OFFLINE when imported
     with _offline():
         figures = recipe.main(["--method", "sltrain", "--rank", "0.25", "--steps", "3", "--eval-batches", "1",
                                "--threads", str(torch.get_num_threads()), "--out", str(tmp_path / "out")])

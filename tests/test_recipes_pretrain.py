@@ -23,7 +23,8 @@ import torch
 
 from recipes import plot, pretrain
 from recipes.checkpoint import model_from_checkpoint
-from recipes.flags import build_parser, check_args, method_settings, model_size_name, parse_size
+from lsparam.presets import size_of
+from recipes.flags import build_parser, check_args, method_settings, parse_size
 from recipes.summary import parameters_by_kind
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,7 +353,7 @@ def test_size_parsing_and_shipped_configs():
         config = LlamaConfig.from_json_file(str(ROOT / "recipes" / "configs" / f"{name}.json"))
         assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads,
                 config.num_key_value_heads, config.vocab_size) == (hidden, intermediate, layers, heads, heads, VOCAB_SIZE)
-        assert model_size_name(config) == name
+        assert size_of(config) == name
 
 
 # ---- multi-process (torchrun, gloo) -------------------------------------------------------------------

@@ -134,12 +134,12 @@ def check_specs_before_loading(model: nn.Module, state_dict, prefix: str, *args,
     ``strict``, which hooks do not see, so a ``strict=False`` partial load still works.)
     """
     for name, module in model.named_modules():
-        if isinstance(module, StructuredParametrization):
-            _check_spec_on_load(module, state_dict, f"{prefix}{name}.")
-    for name, module in model.named_modules():
         if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
-            if isinstance(module.parametrizations.weight[0], StructuredParametrization):
-                _check_factors_on_load(name, module, state_dict, f"{prefix}{name}." if name else prefix)
+            parametrization = module.parametrizations.weight[0]
+            if isinstance(parametrization, StructuredParametrization):
+                layer_prefix = f"{prefix}{name}." if name else prefix
+                _check_spec_on_load(parametrization, state_dict, f"{layer_prefix}parametrizations.weight.0.")
+                _check_factors_on_load(name, module, state_dict, layer_prefix)
 
 
 def _check_factors_on_load(name: str, layer: nn.Module, state_dict, prefix: str) -> None:

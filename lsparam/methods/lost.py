@@ -116,9 +116,10 @@ class LOSTParametrization(StructuredParametrization):
         B, A = balanced_factors(*svd(weight), self.rank)
         original = weight.detach().to(B.dtype)
         if gamma > 0.0:
-            residual = original - B @ A
+            truncated = B @ A
+            residual = original - truncated
             B, A = B / math.sqrt(gamma), A / math.sqrt(gamma)  # γ·B A is the truncated SVD
-            if not bool(torch.isfinite(B @ A).all()):
+            if not bool(torch.isfinite(truncated / gamma).all()):  # = B A now, without a second product
                 raise ValueError(
                     f"gamma={gamma!r} is too small for init='dense' on layer {self.layer_name!r}: B A must carry "
                     f"1/gamma to reproduce the truncated SVD, which overflows. Use gamma=0 (no low-rank path) or a "

@@ -9,12 +9,12 @@ warm-up step (optimizer states exist from then on, as in any later step) and mea
 
 from __future__ import annotations
 
-
 import argparse
 import json
-import subprocess
 import sys
 import time
+
+from recipes.bench import run_module
 
 RUNS = [  # (method, state bits, per-layer)
     ("full", 32, False),
@@ -61,8 +61,8 @@ def main() -> None:
     for size in args.sizes:
         for method, bits, per_layer in RUNS:
             child = json.dumps([size, method, bits, per_layer])
-            out = subprocess.run([sys.executable, __file__, "--child", child, "--batch-size", str(args.batch_size),
-                                  "--seq-len", str(args.seq_len)], capture_output=True, text=True)
+            out = run_module("recipes.bench.memory", "--child", child, "--batch-size", str(args.batch_size),
+                             "--seq-len", str(args.seq_len))
             if out.returncode:
                 sys.exit(f"run {child} failed:\n{out.stderr[-3000:]}")
             result = json.loads(out.stdout.strip().splitlines()[-1])

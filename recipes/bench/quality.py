@@ -39,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from recipes.bench import ROOT
+
 PRETRAIN = ROOT / "recipes" / "pretrain.py"
 FIGURES = ROOT / "docs" / "benchmarks"
 

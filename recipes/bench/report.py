@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+from recipes.bench import ROOT
+
+DOCS = ROOT / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEvery figure on this page is written by a script in `recipes/bench/`; each section names the command that produced it.\n"
 
 

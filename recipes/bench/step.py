@@ -20,15 +20,14 @@ instead, and prints where a step's time goes (writes nothing).
 
 from __future__ import annotations
 
-
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
 from lsparam.presets import METHODS as PRESET_METHODS
+from recipes.bench import run_module
 
 METHODS = list(PRESET_METHODS)
 # name -> (state bits, per-layer updates, extra keywords); "adamw-unfused" shows what the fused default buys
@@ -139,8 +138,7 @@ def main() -> None:
              "--repeats", str(args.repeats)]
 
     def in_child(mode: str, payload):
-        out = subprocess.run([sys.executable, __file__, "--child", mode, json.dumps(payload), *flags],
-                             capture_output=True, text=True)
+        out = run_module("recipes.bench.step", "--child", mode, json.dumps(payload), *flags)
         if out.returncode:
             sys.exit(f"{mode} {payload} failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])

@@ -19,7 +19,6 @@ class TrainingStep:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
-    dtype: torch.dtype
 
     @property
     def parameter_count(self) -> int:
@@ -59,4 +58,4 @@ def build_training_step(size: str, method: str, *, batch_size: int, seq_len: int
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return TrainingStep(step, model, optimizer, device, dtype)
+    return TrainingStep(step, model, optimizer, device)

@@ -70,17 +70,15 @@ import time
 
 import torch
 
-# The names recipes.data has always had, re-exported from the modules that hold them now. Monkeypatch a name
-# where it is looked up: in its own module (e.g. recipes.data.tokenizer.TOKENIZE_GROUP_DOCS), or here for a
-# name build_data calls (_require_hub, _load_tokenizer, ...).
+# Monkeypatch a name where it is looked up: in its own module (e.g. recipes.data.tokenizer.TOKENIZE_GROUP_DOCS),
+# or here for a name build_data calls (_require_hub, _load_tokenizer, ...).
 from .cache import _digest
-from .config import C4_NAME, C4_PATH, C4_TOKENIZER, DATASETS, DataConfig
-from .corpus import OFFLINE_TRAIN_SHARDS, OFFLINE_VALID_EVERY, OFFLINE_VERSION, _offline_corpus, module_text
-from .hub import HUB_TIMEOUT_S, HubUnreachableError, _require_hub
-from .sources import BUILDERS, COMPRESSIONS, _DocumentSource, _HeadTokens, _resolve_files
-from .stream import STATE_VERSION, TrainStream, _Position
-from .tokenizer import (EOS_TOKEN, PAD_TOKEN, TOKENIZE_GROUP_CHARS, TOKENIZE_GROUP_DOCS, TOKENIZER_VERSION,
-                        _encoder, _load_tokenizer, _tokenizer_digest, _trained_tokenizer)
+from .config import C4_NAME, C4_PATH, C4_TOKENIZER, DataConfig
+from .corpus import _offline_corpus, module_text  # noqa: F401  (module_text: for callers of recipes.data)
+from .hub import HubUnreachableError, _require_hub  # noqa: F401  (HubUnreachableError: raised through build_data)
+from .sources import _DocumentSource, _HeadTokens, _resolve_files
+from .stream import TrainStream, _Position  # noqa: F401  (_Position: the stream's resume state, for tests)
+from .tokenizer import _encoder, _load_tokenizer, _tokenizer_digest, _trained_tokenizer
 
 
 class Data:
