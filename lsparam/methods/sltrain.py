@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from lsparam.config import SLTrainConfig, resolve_rank
 from lsparam.methods.base import StructuredParametrization
 from lsparam.methods.svd import balanced_factors, svd
-from lsparam.sparse.matmul import bag_sum, entry_dots, input_grad, is_shape_only, resolve_backend, sparse_linear
+from lsparam.sparse import native
+from lsparam.sparse.matmul import (
+    bag_sum,
+    entry_dots,
+    input_grad,
+    is_shape_only,
+    resolve_backend,
+    sparse_linear,
+)
 from lsparam.sparse.support import (
     SparseSupport,
     derived_seed,
@@ -26,7 +34,7 @@ def sltrain_nnz(density: float, out_features: int, in_features: int) -> int:
     >>> sltrain_nnz(0.03, 512, 1376)
     21135
     """
-    return int(math.floor(density * (out_features * in_features)))  # one rounding, whatever the shape
+    return math.floor(density * (out_features * in_features))  # one rounding, whatever the shape
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -121,15 +129,18 @@ class SLTrainParametrization(StructuredParametrization):
         return self.support.nnz
 
     def index_bytes(self, device="cpu", dtype=torch.float32) -> int:
-        """The CSR arrays, plus the transposed CSR and its permutation the gather and CSR paths build for
-        backward (all int32)."""
-        (out_features, in_features), nnz = self.support.shape, self.support.nnz
-        total = 4 * (nnz + out_features + 1)
+        """The CSR arrays (int32 row pointers, 16-bit columns up to 65,536 wide: see
+        :func:`~lsparam.sparse.support.column_dtype`), plus the int32 transposed CSR and its permutation
+        that the CSR path and the gather path's ``embedding_bag`` route build for ``dX`` and keep (the
+        native kernels walk the row-major support instead). Each call's int32 copy of the columns for
+        PyTorch's sparse ops is transient, so not counted."""
+        support = self.support
+        total = sum(t.numel() * t.element_size() for t in (support.crow_indices, support.col_indices))
         backend = self.config.sparse_backend
         if backend == "auto":
             backend = resolve_backend("auto", torch.device(device), dtype, self.config.density)
-        if backend in ("csr", "gather"):
-            total += 4 * (2 * nnz + in_features + 1)
+        if backend == "csr" or (backend == "gather" and not native.supports(device, dtype)):
+            total += 4 * (2 * support.nnz + support.shape[1] + 1)
         return total
 
     def init_factors(self, weight):

@@ -44,16 +44,18 @@ def bag_sum(table: torch.Tensor, crow, col, weights, bags: int, out: torch.Tenso
     """``y[t, b] = Σ_k weights[k] · table[t, col[k]]`` over the entries ``k`` of CSR row ``b``; y is (T, bags).
 
     With ``out`` (T, bags), ``y`` is added into it in place (no T×bags temporary) and ``out`` returned.
-    The native kernel where it is built (:mod:`lsparam.sparse.native`), else ``embedding_bag``.
+    The native kernel where it is built (:mod:`lsparam.sparse.native`), else ``embedding_bag``, on int32
+    columns made for the call (it takes int32 or int64 indices, of the offsets' dtype).
     """
     if native.available(*((table, weights) if out is None else (table, weights, out))):
         y = table.new_zeros(table.shape[0], bags) if out is None else out
         native.spmm_add_(table, crow, col, weights, y)
         return y
     y = table.new_empty(table.shape[0], bags) if out is None else out
+    col, offsets = col.to(torch.int32), crow[:-1].to(torch.int32)
     for start in range(0, table.shape[0], GATHER_TOKEN_BLOCK):
         block = table[start:start + GATHER_TOKEN_BLOCK].t().contiguous()  # features-major: rows are gathered
-        part = F.embedding_bag(col, block, crow[:-1], mode="sum", per_sample_weights=weights).t()
+        part = F.embedding_bag(col, block, offsets, mode="sum", per_sample_weights=weights).t()
         if out is None:
             y[start:start + GATHER_TOKEN_BLOCK] = part
         else:
@@ -62,7 +64,12 @@ def bag_sum(table: torch.Tensor, crow, col, weights, bags: int, out: torch.Tenso
 
 
 def input_grad(grad: torch.Tensor, values: torch.Tensor, support: SparseSupport, out: torch.Tensor | None = None):
-    """``dX = grad S`` (T × in): ``bag_sum`` over the transposed support (cached), added into ``out`` if given."""
+    """``dX = grad S`` (T × in), added into ``out`` if given. The native kernel walks the row-major support;
+    ``embedding_bag`` sums over the transposed support (built once and kept, 8 bytes per entry)."""
+    if native.available(*((grad, values) if out is None else (grad, values, out))):
+        y = grad.new_zeros(grad.shape[0], support.shape[1]) if out is None else out
+        native.spmm_t_add_(grad, support.crow_indices, support.col_indices, values, y)
+        return y
     crow_t, col_t, perm = support.transposed()
     return bag_sum(grad, crow_t, col_t, values.index_select(0, perm), support.shape[1], out=out)
 
@@ -71,13 +78,13 @@ def entry_dots(grad: torch.Tensor, x: torch.Tensor, support: SparseSupport) -> t
     """``dV[k] = Σ_t grad[t, row k] · x[t, col k]``, the gradient of the values, one block of tokens at a time."""
     if native.available(grad, x):
         return native.entry_dots(grad, x, support.crow_indices, support.col_indices)
-    # each entry's row: rebuilt per call (a fast pass over the CSR) rather than kept, 4 bytes per entry
-    offsets, rows = support.crow_indices[:-1], support.row_indices().to(support.col_indices.dtype)
+    # each entry's row and int32 column: rebuilt per call (a fast pass over the CSR) rather than kept
+    offsets, rows, cols = support.crow_indices[:-1], support.row_indices().to(torch.int32), support.columns(torch.int32)
     total = None
     for start in range(0, x.shape[0], GATHER_DV_BLOCK):
         g_block = grad[start:start + GATHER_DV_BLOCK].t().contiguous()
         x_block = x[start:start + GATHER_DV_BLOCK].t().contiguous()
-        part = _bag_weight_backward(g_block, x_block, support.col_indices, offsets, rows, 0, -1)
+        part = _bag_weight_backward(g_block, x_block, cols, offsets, rows, 0, -1)
         total = part if total is None else total.add_(part)
     return total
 

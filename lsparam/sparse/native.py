@@ -42,6 +42,7 @@ import torch
 SOURCE = Path(__file__).with_name("native.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+INDEX_TYPES = {torch.uint16: "u16", torch.int32: "i32"}  # column indices: see SparseSupport
 
 
 class NativeBuildError(RuntimeError):
@@ -72,7 +73,7 @@ def build(cache_dir: Path, cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=False)
     except OSError as error:  # no such compiler
         os.unlink(tmp)
         raise NativeBuildError(f"cannot run the C++ compiler {cxx!r}: {error}") from error
@@ -100,10 +101,11 @@ def library() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
-    i64, i32p, vp = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
-    for suffix in DTYPES.values():
-        getattr(lib, f"lsparam_spmm_add_{suffix}").argtypes = [vp, i64, i64, i64, i32p, i32p, vp, i64, vp, i64, ctypes.c_int]
-        getattr(lib, f"lsparam_entry_dots_{suffix}").argtypes = [vp, i64, vp, i64, i64, i64, i32p, i32p, i64, vp, ctypes.c_int]
+    i64, vp, int_ = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    for suffix in (f"{t}_{i}" for t in DTYPES.values() for i in INDEX_TYPES.values()):
+        getattr(lib, f"lsparam_spmm_add_{suffix}").argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, vp, i64, int_]
+        getattr(lib, f"lsparam_spmm_t_add_{suffix}").argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, vp, i64, int_]
+        getattr(lib, f"lsparam_entry_dots_{suffix}").argtypes = [vp, i64, vp, i64, i64, i64, vp, vp, i64, vp, int_]
     return lib
 
 
@@ -133,43 +135,67 @@ def built() -> bool:
     return library() is not None
 
 
+def supports(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """True when the kernels are on (not :func:`disabled`) and built, and run on this device and dtype
+    (CPU float32/float64): whether the callers take them for tensors of that kind."""
+    return not _disabled and torch.device(device).type == "cpu" and dtype in DTYPES and built()
+
+
 def available(*tensors: torch.Tensor) -> bool:
     """True when the kernels are built and every tensor is a CPU float32/float64 tensor of one dtype."""
     dtype = tensors[0].dtype
-    return (
-        not _disabled
-        and dtype in DTYPES
-        and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-        and built()
-    )
+    return all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and supports("cpu", dtype)
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _check_support(crow: torch.Tensor, col: torch.Tensor) -> None:
-    if crow.dtype != torch.int32 or col.dtype != torch.int32 or not (crow.is_contiguous() and col.is_contiguous()):
-        raise ValueError(f"the support must be contiguous int32 arrays; got crow {crow.dtype}, col {col.dtype}")
+def _check_support(crow: torch.Tensor, col: torch.Tensor) -> str:
+    """The kernels' suffix for the column type, after checking the arrays' types and layout."""
+    if crow.dtype != torch.int32 or col.dtype not in INDEX_TYPES or not (crow.is_contiguous() and col.is_contiguous()):
+        raise ValueError(
+            f"the support must be contiguous arrays, int32 row pointers and uint16 or int32 columns; got crow "
+            f"{crow.dtype}, col {col.dtype}"
+        )
+    return INDEX_TYPES[col.dtype]
+
+
+def _kernel(product: str, dtype: torch.dtype, col: torch.Tensor):
+    return getattr(library(), f"lsparam_{product}_{DTYPES[dtype]}_{INDEX_TYPES[col.dtype]}")
+
+
+def _into_rows(out: torch.Tensor, add) -> None:
+    """``add(target)`` on ``out`` where its rows are contiguous, else on a zeroed copy added back."""
+    target = out if out.stride(-1) == 1 else torch.zeros_like(out, memory_format=torch.contiguous_format)
+    add(target)
+    if target is not out:
+        out.add_(target)
 
 
 def _spmm_add(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     _check_support(crow, col)
     x, values = _rows_contiguous(x), values.contiguous()
-    target = out if out.stride(-1) == 1 else torch.zeros_like(out, memory_format=torch.contiguous_format)
-    getattr(library(), f"lsparam_spmm_add_{DTYPES[x.dtype]}")(
+    _into_rows(out, lambda target: _kernel("spmm_add", x.dtype, col)(
         x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], crow.data_ptr(), col.data_ptr(), values.data_ptr(),
         out.shape[1], target.data_ptr(), target.stride(0), torch.get_num_threads(),
-    )
-    if target is not out:
-        out.add_(target)
+    ))
+
+
+def _spmm_t_add(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    _check_support(crow, col)
+    grad, values = _rows_contiguous(grad), values.contiguous()
+    _into_rows(out, lambda target: _kernel("spmm_t_add", grad.dtype, col)(
+        grad.data_ptr(), grad.stride(0), grad.shape[0], grad.shape[1], crow.data_ptr(), col.data_ptr(),
+        values.data_ptr(), out.shape[1], target.data_ptr(), target.stride(0), torch.get_num_threads(),
+    ))
 
 
 def _entry_dots(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     _check_support(crow, col)
     grad, x = _rows_contiguous(grad), _rows_contiguous(x)
     out = x.new_empty(col.numel())
-    getattr(library(), f"lsparam_entry_dots_{DTYPES[x.dtype]}")(
+    _kernel("entry_dots", x.dtype, col)(
         grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], crow.data_ptr(),
         col.data_ptr(), crow.numel() - 1, out.data_ptr(), torch.get_num_threads(),
     )
@@ -178,13 +204,19 @@ def _entry_dots(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: to
 
 # Registered as custom ops so that torch.compile traces them. Eager calls skip the dispatcher, whose
 # wrapper costs 0.06-0.17 ms per call (measured): at LLaMA-60M, three calls per layer and step.
-SPMM_ADD, ENTRY_DOTS = "lsparam::spmm_add_", "lsparam::entry_dots"
+SPMM_ADD, SPMM_T_ADD, ENTRY_DOTS = "lsparam::spmm_add_", "lsparam::spmm_t_add_", "lsparam::entry_dots"
 spmm_add_op = torch.library.custom_op(SPMM_ADD, _spmm_add, mutates_args=("out",), device_types="cpu")
+spmm_t_add_op = torch.library.custom_op(SPMM_T_ADD, _spmm_t_add, mutates_args=("out",), device_types="cpu")
 entry_dots_op = torch.library.custom_op(ENTRY_DOTS, _entry_dots, mutates_args=(), device_types="cpu")
 
 
 @spmm_add_op.register_fake
 def _(x, crow, col, values, out) -> None:
+    return None
+
+
+@spmm_t_add_op.register_fake
+def _(grad, crow, col, values, out) -> None:
     return None
 
 
@@ -205,12 +237,19 @@ def _eager(name: str, implementation):
     return call
 
 
-_spmm_add_eager, _entry_dots_eager = _eager(SPMM_ADD, _spmm_add), _eager(ENTRY_DOTS, _entry_dots)
+_spmm_add_eager, _spmm_t_add_eager = _eager(SPMM_ADD, _spmm_add), _eager(SPMM_T_ADD, _spmm_t_add)
+_entry_dots_eager = _eager(ENTRY_DOTS, _entry_dots)
 
 
 def spmm_add_(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     """``out += x Sᵀ`` in place, for ``x`` (tokens × in) and ``S`` (rows × in) in CSR form with ``values``."""
     (spmm_add_op if torch.compiler.is_compiling() else _spmm_add_eager)(x, crow, col, values, out)
+
+
+def spmm_t_add_(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += grad S`` in place, for ``grad`` (tokens × rows) and ``S`` (rows × in) in CSR form with ``values``:
+    ``dX``, on the same row-major support as the forward."""
+    (spmm_t_add_op if torch.compiler.is_compiling() else _spmm_t_add_eager)(grad, crow, col, values, out)
 
 
 def entry_dots(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:

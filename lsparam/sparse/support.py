@@ -1,8 +1,8 @@
-"""Fixed sparse supports in CSR form, with int32 indices.
+"""Fixed sparse supports in CSR form: 16-bit column indices (2 bytes per entry) and int32 row pointers.
 
 A support is regenerated from ``(seed, layer name, shape)`` rather than stored, so a checkpoint carries
 no index tensor for SLTrain's random support. Supports chosen from data (``init="dense"``) are stored,
-as int32.
+in the same arrays.
 """
 
 from __future__ import annotations
@@ -45,10 +45,29 @@ def largest_magnitude_flat_indices(matrix: torch.Tensor, nnz: int) -> torch.Tens
     return matrix.detach().abs().reshape(-1).topk(nnz).indices.sort().values.cpu()
 
 
-class SparseSupport(nn.Module):
-    """The support of an ``out×in`` sparse matrix in CSR form, plus its transpose (built on first use).
+def column_dtype(in_features: int) -> torch.dtype:
+    """The column indices' dtype: ``uint16`` where every column fits (``in_features <= 65,536``: every LLaMA
+    width), else ``int32``.
 
-    Values of the matrix live elsewhere (a trainable vector in row-major order of the support).
+    ``uint16`` rather than ``int16`` holding shifted or reinterpreted bits: its values are the columns
+    themselves, so ``copy_`` between it and int32 or int64 is exact both ways. A state_dict of an int32
+    support (saved before 16-bit columns) loads into it, and lsparam versions that hold int32 columns
+    load one saved from it.
+
+    >>> column_dtype(5461), column_dtype(65536), column_dtype(65537)
+    (torch.uint16, torch.uint16, torch.int32)
+    """
+    return torch.uint16 if in_features <= 2**16 else torch.int32
+
+
+class SparseSupport(nn.Module):
+    """The support of an ``out×in`` sparse matrix in CSR form: ``crow_indices`` (``out + 1`` int32 row
+    pointers) and ``col_indices`` (``nnz`` columns, sorted within each row, of :func:`column_dtype`).
+
+    Values of the matrix live elsewhere (a trainable vector in row-major order of the support). The
+    native kernels and the 2:4 path read these arrays as they are; the paths built on PyTorch's sparse
+    ops (``embedding_bag``, CSR) take int32 columns made for each call and a transposed copy kept once
+    built (:meth:`transposed`), which :meth:`index_tensors` lists.
 
     Args:
         flat_indices: sorted, unique row-major positions (``row * in + col``).
@@ -57,8 +76,8 @@ class SparseSupport(nn.Module):
 
     Example:
         >>> s = SparseSupport(torch.tensor([1, 4, 5]), (2, 3), persistent=False)
-        >>> s.crow_indices.tolist(), s.col_indices.tolist()
-        ([0, 1, 3], [1, 1, 2])
+        >>> s.crow_indices.tolist(), s.col_indices.tolist(), s.col_indices.dtype
+        ([0, 1, 3], [1, 1, 2], torch.uint16)
         >>> s.to_dense(torch.tensor([1., 2., 3.])).tolist()
         [[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]]
     """
@@ -66,8 +85,13 @@ class SparseSupport(nn.Module):
     def __init__(self, flat_indices: torch.Tensor | None, shape: tuple[int, int], *, persistent: bool, nnz: int = 0):
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
+        count = nnz if flat_indices is None else flat_indices.numel()
+        if count >= 2**31:  # the row pointers are int32, as the kernels and cuSPARSE's 32-bit mode read them
+            raise ValueError(f"a sparse support of {count} entries (shape {self.shape}) is over the 2**31 - 1 the "
+                             "int32 row pointers hold; use a lower density or split the layer")
         if flat_indices is None:  # shapes only (memory estimates on fake tensors): arrays of the right sizes
-            crow, col = torch.zeros(self.shape[0] + 1, dtype=torch.int32), torch.zeros(nnz, dtype=torch.int32)
+            crow = torch.zeros(self.shape[0] + 1, dtype=torch.int32)
+            col = torch.zeros(nnz, dtype=column_dtype(self.shape[1]))
         else:
             crow, col = self._csr_arrays(flat_indices)
         self.register_buffer("crow_indices", crow, persistent=persistent)
@@ -84,7 +108,7 @@ class SparseSupport(nn.Module):
         rows = flat // in_features
         crow = torch.zeros(out_features + 1, dtype=torch.int64)
         crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
-        return crow.to(torch.int32), (flat % in_features).to(torch.int32)
+        return crow.to(torch.int32), (flat % in_features).to(column_dtype(in_features))
 
     def reset(self, flat_indices: torch.Tensor) -> None:
         """Replace the support in place (same nnz), e.g. after a re-initialisation from a new weight."""
@@ -94,12 +118,21 @@ class SparseSupport(nn.Module):
         self._transpose = None
 
     def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(*args, **kwargs)  # copy_ converts an int32 state_dict's columns exactly
+        wanted = column_dtype(self.shape[1])
+        if self.col_indices.dtype != wanted:  # load_state_dict(assign=True) puts the saved tensor itself here
+            self.col_indices = self.col_indices.to(wanted)
+        if self.crow_indices.dtype != torch.int32:
+            self.crow_indices = self.crow_indices.to(torch.int32)
         self._transpose = None
 
     def _apply(self, fn, *args, **kwargs):
         self._transpose = None
         return super()._apply(fn, *args, **kwargs)
+
+    def columns(self, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """The column indices widened to ``dtype`` (a transient, for ops that take int32/int64 indices)."""
+        return self.col_indices.to(dtype)
 
     def row_indices(self) -> torch.Tensor:
         counts = (self.crow_indices[1:] - self.crow_indices[:-1]).to(torch.int64)
@@ -107,24 +140,31 @@ class SparseSupport(nn.Module):
 
     def flat_indices(self) -> torch.Tensor:
         """Row-major positions as int64 (a transient: built when needed, not kept)."""
-        return self.row_indices() * self.shape[1] + self.col_indices.to(torch.int64)
+        return self.row_indices() * self.shape[1] + self.columns()
 
     def csr(self, values: torch.Tensor) -> torch.Tensor:
+        """``S`` as a torch CSR tensor, on int32 columns made for it (PyTorch's CSR kernels and cuSPARSE take
+        int32 or int64 indices, one dtype for both arrays)."""
         return torch.sparse_csr_tensor(
-            self.crow_indices, self.col_indices, values, self.shape, check_invariants=False
+            self.crow_indices, self.columns(torch.int32), values, self.shape, check_invariants=False
         )
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(crow, col, perm)`` of the ``in×out`` transpose in CSR form (int32, cached): its values are
-        ``values[perm]``."""
+        """``(crow, col, perm)`` of the ``in×out`` transpose in CSR form (int32, kept once built): its values
+        are ``values[perm]``. For the paths on PyTorch's sparse ops; the native kernels walk the row-major
+        support for ``dX`` and never build it."""
         if self._transpose is None:
             rows = self.row_indices()
-            cols = self.col_indices.to(torch.int64)
+            cols = self.columns()
             perm = torch.argsort(cols * self.shape[0] + rows)
             crow_t = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=cols.device)
             crow_t[1:] = torch.bincount(cols, minlength=self.shape[1]).cumsum(0)
             self._transpose = (crow_t.to(torch.int32), rows[perm].to(torch.int32), perm.to(torch.int32))
         return self._transpose
+
+    def index_tensors(self) -> list[torch.Tensor]:
+        """The index tensors held now: the CSR arrays, and the transposed copy once a path has built it."""
+        return [self.crow_indices, self.col_indices, *(self._transpose or ())]
 
     def csr_transposed(self, values: torch.Tensor) -> torch.Tensor:
         """The ``in×out`` transpose in CSR form, its values permuted from ``values``."""
