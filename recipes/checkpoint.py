@@ -31,10 +31,30 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from recipes.flags import MAY_CHANGE, MUST_MATCH, RecipeError
+from recipes.flags import MAY_CHANGE, MUST_MATCH, RecipeError, check_export_target
 
 if TYPE_CHECKING:
     from recipes.pretrain import Run
+
+
+class WriteFailed(RuntimeError):
+    """A file of the run could not be written (disk full, no permission): the run stops with an error line."""
+
+
+def write_failure(error: BaseException, where) -> str:
+    """What stopped a write, in the system's words ("No space left on device") where it said any: the
+    ``OSError`` is looked for along the exception's chain, since torch.save reports a failed write as a
+    ``RuntimeError`` about stream positions with the ``OSError`` as its context."""
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.strerror:
+        reason = cause.strerror
+    elif "No space left on device" in str(error):  # safetensors' Rust error carries the OS message
+        reason = "No space left on device"
+    else:
+        reason = _reason(error)
+    return f"could not write {where}: {reason}"
 
 
 def barrier(run: Run) -> None:
@@ -96,9 +116,8 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
-    """Write checkpoints/step_N atomically: a temporary directory, fsynced, then os.replace."""
-    from safetensors.torch import save_file
-
+    """Write checkpoints/step_N atomically: a temporary directory, fsynced, then os.replace. A write that
+    fails (a full disk) removes the temporary directory and raises :class:`WriteFailed` on every rank."""
     args, rank, step = run.args, run.rank, run.step
     root = Path(args.out) / "checkpoints"
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
@@ -115,15 +134,12 @@ def save_checkpoint(run: Run) -> None:
     weights = full_state_dict(run)
     optimizer = run.optimizer.state_dict()
     _refuse_non_finite(run, weights, optimizer, root)
-    if rank == 0:
-        metadata = {"step": str(step), "args": json.dumps(vars(args)), "config": run.config.to_json_string()}
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata=metadata)
-        run.data.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    sharded = args.parallel == "fsdp"
-    optimizer = plain_optimizer_state(optimizer, True) if (sharded or rank == 0) else None
-    torch.save({"step": step, "args": vars(args), "world_size": run.world, "optimizer": optimizer,
-                "scheduler": run.scheduler.state_dict(), "rng": rng_state(),
-                "data": run.data.train.state_dict()}, tmp / f"state_rank{rank}.pt")
+    failed = None
+    try:
+        _write_files(run, tmp, weights, optimizer)
+    except Exception as error:  # noqa: BLE001  (disk full, permissions: every rank must agree before stopping)
+        failed = error
+    _stop_if_any_rank_failed(run, failed, tmp, root)
     barrier(run)
     if rank == 0:
         for file in (f for f in tmp.rglob("*") if f.is_file()):
@@ -137,13 +153,46 @@ def save_checkpoint(run: Run) -> None:
     barrier(run)
 
 
+def _write_files(run: Run, tmp: Path, weights: dict | None, optimizer: dict) -> None:
+    from safetensors.torch import save_file
+
+    args, rank, step = run.args, run.rank, run.step
+    if rank == 0:
+        metadata = {"step": str(step), "args": json.dumps(vars(args)), "config": run.config.to_json_string()}
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata=metadata)
+        run.data.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    sharded = args.parallel == "fsdp"
+    optimizer = plain_optimizer_state(optimizer, True) if (sharded or rank == 0) else None
+    with open(tmp / f"state_rank{rank}.pt", "wb") as f:  # a Python file: a failed write keeps its OSError
+        torch.save({"step": step, "args": vars(args), "world_size": run.world, "optimizer": optimizer,
+                    "scheduler": run.scheduler.state_dict(), "rng": rng_state(),
+                    "data": run.data.train.state_dict()}, f)
+
+
+def _stop_if_any_rank_failed(run: Run, failed: Exception | None, tmp: Path, root: Path) -> None:
+    """A checkpoint some rank could not write is removed whole, and the run stops on every rank."""
+    bad = torch.tensor(float(failed is not None), device=run.device)  # on the device: NCCL reduces CUDA tensors
+    if run.world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if not bad.item():
+        return
+    if run.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    good = sorted(root.glob("step_*"))
+    what = write_failure(failed, f"the checkpoint of step {run.step} in {root}") if failed else \
+        f"another rank could not write the checkpoint of step {run.step}"
+    where = f"the newest complete checkpoint is {good[-1]}" if good else "no checkpoint was written before"
+    raise WriteFailed(f"{what}. Nothing was saved for this step and {where}; make room (or choose another "
+                      f"--out) and run again with --resume auto")
+
+
 def _refuse_non_finite(run: Run, weights: dict | None, optimizer: dict, root: Path) -> None:
     """Never write a checkpoint of non-finite weights or optimizer states: stop the run instead, leaving the
     last good checkpoint the newest, and say how to go on from it. All ranks agree before anyone raises."""
     from torch.utils._pytree import tree_leaves
 
     tensors = [t for t in tree_leaves([weights or {}, optimizer]) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    bad = torch.tensor(float(any(not bool(torch.isfinite(t).all()) for t in tensors)))
+    bad = torch.tensor(float(any(not bool(torch.isfinite(t).all()) for t in tensors)), device=run.device)
     if run.world > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
@@ -335,16 +384,37 @@ def model_from_checkpoint(path, device="cpu") -> torch.nn.Module:
 
 def export_checkpoint(path, directory: str) -> None:
     """A checkpoint as a plain dense LlamaForCausalLM + tokenizer (``save_pretrained``, safetensors), which
-    vanilla ``AutoModelForCausalLM.from_pretrained`` loads. Refuses SiLU-LOST (no dense form)."""
+    vanilla ``AutoModelForCausalLM.from_pretrained`` loads. Refuses SiLU-LOST (no dense form).
+
+    The files are written into a temporary sibling directory that replaces ``directory`` only once they are
+    all there: a failed export (a full disk) leaves ``directory`` as it was and raises :class:`WriteFailed`.
+    """
     import lsparam
     from transformers import AutoTokenizer
 
+    check_export_target(directory)
     model = model_from_checkpoint(path)
     try:
         lsparam.merge(model)  # every structured layer becomes a plain dense nn.Linear
     except lsparam.NoDenseFormError as error:
         raise RecipeError(f"--export refused: {error}") from None
     model.config.use_cache = True
-    model.save_pretrained(directory, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(Path(path) / "tokenizer")).save_pretrained(directory)
+    target = Path(directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(Path(path) / "tokenizer")).save_pretrained(str(staging))
+        for file in (f for f in staging.rglob("*") if f.is_file()):
+            _fsync(file)
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise WriteFailed(f"--export: {write_failure(error, directory)}; {directory} is as it was") from None
+    if target.exists():  # a previous export (check_export_target): renamed away, then removed
+        trash = target.with_name(f".{target.name}.trash-{os.getpid()}")
+        os.replace(target, trash)
+        os.replace(staging, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, target)
     print(f"exported {path} as a dense LlamaForCausalLM to {directory}")

@@ -166,7 +166,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             - ``--per-layer`` with ``--parallel ddp|fsdp`` (the updates would race DDP's allreduce / FSDP's
               reduce-scatter); ``--state-bits 8|4`` with ``--parallel fsdp``; ``--method galore`` with fsdp,
               with ``--state-bits 8|4``, or without the ``galore-torch`` package;
-            - ``--export`` with ``--method lost-silu`` (no dense form);
+            - ``--export`` with ``--method lost-silu`` (no dense form), or onto a regular file or a folder
+              holding other files than a previous export;
             - ``--parallel ddp|fsdp`` outside torchrun, or a torchrun launch with ``--parallel none``;
             - ``--resume PATH`` that is not a checkpoint directory; ``--seed`` outside [0, 2**32).
     """
@@ -206,6 +207,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.export and args.method == "lost-silu" and not exporting_a_checkpoint(args):  # there, the checkpoint's method decides
         raise RecipeError("--export refused: --method lost-silu has no dense form (y = γ·SiLU(x Aᵀ) Bᵀ + ... is not "
                           "x Wᵀ for any W); use --method lost (linear LOST merges exactly) or drop --export")
+    if args.export:
+        check_export_target(args.export)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RecipeError("--device cuda but torch.cuda.is_available() is False")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -266,3 +269,14 @@ def method_settings(args: argparse.Namespace, size: str | None):
         return dataclasses.replace(method_config(args.method, size), **overrides)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"--method {args.method}: {error}") from None
+
+
+def check_export_target(directory: str) -> None:
+    """Refuse an ``--export`` that could not be written or would overwrite something other than an export,
+    before any training: a regular file, or a directory holding files other than a previous export's."""
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise RecipeError(f"--export {directory!r} is a file; name a directory (created if missing)")
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        raise RecipeError(f"--export {directory!r} is a directory holding other files than an exported model; "
+                          f"name a new or empty directory, or a previous export to replace")

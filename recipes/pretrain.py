@@ -62,9 +62,10 @@ import torch.distributed as dist
 from torch import nn
 
 from lsparam.presets import size_of
-from recipes import checkpoint
+from recipes import checkpoint, distributed
 from recipes.summary import peak_memory_mib, summarize
-from recipes.checkpoint import export_checkpoint
+from recipes.checkpoint import WriteFailed, export_checkpoint
+from recipes.health import HealthWatch
 from recipes.flags import DEFAULT_STEPS, RecipeError, build_parser, check_args, exporting_a_checkpoint, method_settings
 
 
@@ -177,8 +178,7 @@ def _init_process(args) -> tuple[int, int, torch.device]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if args.parallel != "none":
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo",
-                                device_id=device if args.device == "cuda" else None)
+        distributed.init("nccl" if args.device == "cuda" else "gloo", device if args.device == "cuda" else None)
     random.seed(args.seed)
     np.random.seed(args.seed)
     return rank, world, device
@@ -277,8 +277,12 @@ def evaluate(run: Run) -> float:
 
 def log(run: Run, record: dict) -> None:
     if run.rank == 0:
-        with open(Path(run.args.out) / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        metrics = Path(run.args.out) / "metrics.jsonl"
+        try:
+            with open(metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as error:  # a full disk: the file names itself (a failed write's error does not)
+            raise WriteFailed(checkpoint.write_failure(error, metrics)) from None
 
 
 def log_eval(run: Run) -> float:
@@ -323,6 +327,7 @@ def train(run: Run) -> dict:
         print(f"{name} {args.method}: {params:,} parameters; {total} steps of {run.tokens_per_step:,} "
               f"tokens ({total * run.tokens_per_step:,} in all), peak lr {args.lr:g}, {args.precision}, "
               f"{run.world} process(es), {args.threads or 'default'} thread(s) each")
+    health = HealthWatch(run.config.vocab_size, int(args.warmup * total), args.lr)
     bar = tqdm(total=total, initial=run.step, desc=f"{name} {args.method}", disable=run.rank != 0, dynamic_ncols=True)
     seconds, tokens_here = 0.0, 0  # time spent in training steps (not evaluation or checkpoints)
     while run.step < total:
@@ -357,6 +362,10 @@ def train(run: Run) -> dict:
         log(run, {"type": "train", "step": run.step, "tokens": run.step * run.tokens_per_step,
                   "loss": loss_value, "lr": float(lr), "grad_norm": grad_norm, "tok_per_s": tokens_here / seconds,
                   "mem_mib": memory, "time": seconds})
+        for warning in health.check(run.step, loss_value, grad_norm):
+            log(run, {"type": "warning", "step": run.step, "message": warning})
+            if run.rank == 0:
+                tqdm.write(f"warning: {warning}", file=sys.stderr)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_here / seconds:,.0f}", lr=f"{float(lr):.1e}",
                         mem=f"{memory:,.0f}MiB", refresh=False)
@@ -408,12 +417,15 @@ def main(argv=None) -> dict | None:
         return summary
     except RecipeError as error:
         parser.error(str(error))
-    except FloatingPointError as error:  # a diverged run: the message says where to resume from
+    except (FloatingPointError, WriteFailed) as error:  # diverged, or disk full: the message says what to do
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except OSError as error:  # metrics.jsonl, summary.json, the plot: a file of the run could not be written
+        print(f"{parser.prog}: error: {checkpoint.write_failure(error, error.filename or args.out)}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        run = None  # noqa: F841  (the DDP model and its reducer go before the process group)
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+pytest_plugins = ["tests.recipe_runs"]  # the recipe tests' corpora and helpers (corpus, aligned, ...)
+
 # One intra-op thread: the test shapes are tiny (d = 64), and on a small, shared CI runner a second
 # OpenMP thread competing for a busy core makes the same step 10-50x slower, not faster.
 torch.set_num_threads(1)

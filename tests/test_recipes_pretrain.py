@@ -1,101 +1,26 @@
 """recipes/pretrain.py end to end, on tiny models and small corpora generated here.
 
 Single-process runs call ``pretrain.main`` in this process where they can (imports are the slow part on
-2 cores); the SIGKILL resume test and the multi-process tests run real subprocesses (``torchrun`` for
-DDP and FSDP2 on gloo).
+2 cores); the multi-process tests run real subprocesses (``torchrun`` for DDP and FSDP2 on gloo). What
+survives a kill, a full disk, a damaged file or a diverging run is in tests/test_reliability.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from lsparam.presets import size_of
 from recipes import plot, pretrain
 from recipes.checkpoint import model_from_checkpoint
-from lsparam.presets import size_of
 from recipes.flags import build_parser, check_args, method_settings, parse_size
 from recipes.summary import parameters_by_kind
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "recipes" / "pretrain.py"
-TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-            rms_norm_eps=1e-6, tie_word_embeddings=False, vocab_size=32000)
-SEQ = 32
-
-
-
-
-# ---- corpora and configs ------------------------------------------------------------------------------
-WORDS = ("the cat dog bird sat ran flew on under over a mat tree roof quickly slowly and then "
-         "it was red blue green big small happy sad").split()
-
-
-def _sentence(rng: random.Random) -> str:
-    return (f"the {rng.choice(['cat', 'dog', 'bird'])} {rng.choice(['sat', 'ran', 'flew'])} "
-            f"{rng.choice(['on', 'under', 'over'])} the {rng.choice(['mat', 'tree', 'roof'])} "
-            f"{rng.choice(['quickly', 'slowly'])} and it was {rng.choice(['red', 'blue', 'green'])}.")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small English-like text corpus: 8 training files, 2 validation files; a shared tokenizer cache."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for split, files, sentences in (("train", 8, 300), ("valid", 2, 60)):
-        (root / split).mkdir()
-        for i in range(files):
-            (root / split / f"{i:02d}.txt").write_text(" ".join(_sentence(rng) for _ in range(sentences)))
-    config = root / "tiny.json"
-    config.write_text(json.dumps(TINY))
-    return {"root": root, "config": str(config), "train": str(root / "train" / "*.txt"),
-            "valid": str(root / "valid" / "*.txt"), "cache": str(root / "cache")}
-
-
-def common(corpus, out, *extra) -> list[str]:
-    return ["--model", corpus["config"], "--data-files", corpus["train"], "--valid-files", corpus["valid"],
-            "--vocab-size", "400", "--seq-len", str(SEQ), "--batch-size", "4", "--valid-tokens", "512",
-            "--cache-dir", corpus["cache"], "--threads", "1", "--eval-every", "0", "--out", str(out), *extra]
-
-
-@pytest.fixture
-def restore_torch_globals():
-    """main() sets deterministic algorithms and the thread count for the process: put them back."""
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
-
-
-def read_metrics(out) -> tuple[list[dict], list[dict]]:
-    return plot.read_metrics(out)
-
-
-def run_script(args, *, env=None, timeout=180, torchrun_procs=None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    if torchrun_procs:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
-                   str(torchrun_procs), "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT)]
-    else:
-        command = [sys.executable, str(SCRIPT)]
-    return subprocess.run(command + list(args), env=environment, capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.recipe_runs import ROOT, SEQ, TINY, aligned_args, common, read_metrics, run_script
 
 
 # ---- single process -----------------------------------------------------------------------------------
@@ -134,25 +59,6 @@ def test_loss_falls_over_twenty_steps(corpus, tmp_path, restore_torch_globals):
     # plot.py draws several runs against each other
     plot.main([str(out), str(out), "--out", str(tmp_path / "both.png"), "--labels", "a", "b", "--smooth", "3"])
     assert (tmp_path / "both.png").stat().st_size > 1000
-
-
-def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(corpus, tmp_path):
-    args = ["--method", "sltrain", "--steps", "12", "--save-every", "4", "--eval-every", "6", "--eval-batches", "2"]
-    whole = run_script(common(corpus, tmp_path / "whole", *args))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = run_script(common(corpus, tmp_path / "killed", *args, "--kill-after-step", "10"))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
-    assert checkpoints == ["step_00000004", "step_00000008"]  # steps 9 and 10 were logged, then lost
-    assert [r["step"] for r in read_metrics(tmp_path / "killed")[0]][-1] == 10
-    resumed = run_script(common(corpus, tmp_path / "killed", *args, "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "step 8" in resumed.stdout
-    (train_a, eval_a), (train_b, eval_b) = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "killed")
-    assert [r["step"] for r in train_b] == list(range(1, 13))
-    assert [r["loss"] for r in train_b] == [r["loss"] for r in train_a]  # bit for bit
-    assert [r["lr"] for r in train_b] == [r["lr"] for r in train_a]
-    assert [(r["step"], r["val_loss"]) for r in eval_b] == [(r["step"], r["val_loss"]) for r in eval_a]
 
 
 def test_export_loads_in_vanilla_transformers_with_the_same_logits(corpus, tmp_path, restore_torch_globals):
@@ -357,45 +263,6 @@ def test_size_parsing_and_shipped_configs():
 
 
 # ---- multi-process (torchrun, gloo) -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def aligned(tmp_path_factory):
-    """Documents of exactly SEQ tokens (SEQ - 1 words + EOS) under a word-level tokenizer, 4 per shard.
-
-    Every training sequence is then one whole document and every shard one 4-sequence batch, so two ranks
-    of batch 4 see, together, exactly the 8 sequences that one process of batch 8 sees at each step
-    (whether recipes/data deals whole shards or single documents to the ranks).
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    root = tmp_path_factory.mktemp("aligned")
-    vocab = [f"w{i}" for i in range(48)]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<|endoftext|>", "<|pad|>", "<unk>", *vocab])},
-                                           unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(str(root / "tokenizer.json"))
-    rng = random.Random(0)
-
-    def document() -> str:  # an arithmetic progression mod 48: learnable from the two previous words
-        start, stride = rng.randrange(48), rng.choice([1, 2, 3, 5])
-        return " ".join(vocab[(start + k * stride) % 48] for k in range(SEQ - 1))
-
-    for split, shards in (("train", 16), ("valid", 2)):
-        (root / split).mkdir()
-        for i in range(shards):
-            (root / split / f"{i:02d}.jsonl").write_text("".join(json.dumps({"text": document()}) + "\n" for _ in range(4)))
-    config = root / "tiny.json"
-    config.write_text(json.dumps(TINY))
-    return {"config": str(config), "train": str(root / "train" / "*.jsonl"), "valid": str(root / "valid" / "*.jsonl"),
-            "tokenizer": str(root / "tokenizer.json"), "cache": str(root / "cache")}
-
-
-def aligned_args(aligned, out, batch_size, *extra) -> list[str]:
-    return ["--model", aligned["config"], "--data-files", aligned["train"], "--valid-files", aligned["valid"],
-            "--tokenizer", aligned["tokenizer"], "--seq-len", str(SEQ), "--batch-size", str(batch_size),
-            "--valid-tokens", str(8 * SEQ), "--cache-dir", aligned["cache"], "--threads", "1", "--eval-every", "0",
-            "--lr", "1e-2", "--out", str(out), *extra]
-
-
 def test_aligned_corpus_gives_each_step_the_same_sequences_on_one_or_two_ranks(aligned):
     from recipes.data import DataConfig, build_data
 
@@ -441,108 +308,6 @@ def test_fsdp2_on_two_ranks_trains_and_resumes(aligned, tmp_path):
     assert "at step 4" in resumed.stdout
     again = [r["loss"] for r in read_metrics(tmp_path / "resumed")[0]]
     torch.testing.assert_close(again, losses, rtol=1e-6, atol=1e-6)
-
-
-# ---- divergence and resume with new settings ----------------------------------------------------------
-
-
-def test_a_diverging_run_stops_and_never_checkpoints_non_finite_state(corpus, tmp_path, capsys, restore_torch_globals):
-    from safetensors.torch import load_file
-
-    out = tmp_path / "diverge"
-    with pytest.raises(SystemExit) as exit_info:
-        pretrain.main(common(corpus, out, "--method", "sltrain", "--steps", "6", "--save-every", "1", "--lr", "1e20"))
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert "stopped at step" in err and "nothing was saved for this step" in err and "--resume" in err
-    saved = sorted((out / "checkpoints").glob("step_*"))
-    assert saved, "the first step's checkpoint should exist"
-    for path in saved:
-        weights = load_file(str(path / "model.safetensors"))
-        assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()), path
-        state = torch.load(path / "state_rank0.pt", weights_only=True)["optimizer"]
-        tensors = [t for inner in state["inner"] for s in inner["state"].values() for t in s.values()
-                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        assert all(torch.isfinite(t).all() for t in tensors), path
-    assert not list((out / "checkpoints").glob(".tmp-*"))
-
-
-def test_resume_takes_the_new_learning_rate_and_weight_decay(corpus, tmp_path, restore_torch_globals):
-    """The optimizer's saved groups used to win over the new flags, while the banner showed the new ones."""
-    first = tmp_path / "first"
-    pretrain.main(common(corpus, first, "--method", "lost", "--steps", "2", "--lr", "1e-3", "--weight-decay", "0"))
-    resumed = tmp_path / "resumed"
-    import shutil
-
-    shutil.copytree(first, resumed)
-    new = ("--lr", "5e-4", "--weight-decay", "0.1")
-    pretrain.main(common(corpus, resumed, "--method", "lost", "--steps", "4", "--resume", "auto", *new))
-    reference = tmp_path / "reference"  # the same schedule from the start: the learning rates to expect
-    pretrain.main(common(corpus, reference, "--method", "lost", "--steps", "4", *new))
-    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert {"type": "resume", "step": 2, "changed": {"lr": [1e-3, 5e-4], "weight_decay": [0.0, 0.1]}} in records
-    lrs = {r["step"]: r["lr"] for r in records if r["type"] == "train"}
-    expected = {r["step"]: r["lr"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())
-                if r["type"] == "train"}
-    assert lrs[3] == pytest.approx(expected[3]) and lrs[4] == pytest.approx(expected[4])
-    state = torch.load(resumed / "checkpoints" / "step_00000004" / "state_rank0.pt", weights_only=True)["optimizer"]
-    decays = {group["weight_decay"] for inner in state["inner"] for group in inner["param_groups"]}
-    assert decays == {0.1, 0.0}  # factors and weights decay at the new rate; norms and biases never do
-
-
-def test_resume_with_other_parameter_groups_is_an_error_line(corpus, tmp_path, capsys, restore_torch_globals):
-    out = tmp_path / "groups"
-    pretrain.main(common(corpus, out, "--method", "lost", "--steps", "2"))
-    with pytest.raises(SystemExit) as exit_info:
-        pretrain.main(common(corpus, out, "--method", "lost", "--steps", "3", "--resume", "auto", "--linear-lr-scale", "0.5"))
-    assert exit_info.value.code == 2
-    assert "resume with --linear-lr-scale 1" in capsys.readouterr().err
-
-
-# ---- damaged files -------------------------------------------------------------------------------------
-
-
-def test_a_torn_metrics_line_and_a_finished_run_resume_cleanly(corpus, tmp_path, capsys, restore_torch_globals):
-    out = tmp_path / "torn"
-    pretrain.main(common(corpus, out, "--method", "lost", "--steps", "2", "--save-every", "1"))
-    # a finished run resumed logs nothing twice
-    pretrain.main(common(corpus, out, "--method", "lost", "--steps", "2", "--resume", "auto"))
-    train, evals = read_metrics(out)
-    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [0, 2]
-    # a line cut short (disk full, or a kill mid-write) costs that line only
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"type": "train", "st')
-    capsys.readouterr()
-    pretrain.main(common(corpus, out, "--method", "lost", "--steps", "3", "--resume", "auto"))
-    assert "was cut short" in capsys.readouterr().err
-    train, evals = read_metrics(out)
-    assert [r["step"] for r in train] == [1, 2, 3] and [r["step"] for r in evals] == [0, 2, 3]
-    assert not (out / ".metrics.jsonl.tmp").exists()
-
-
-@pytest.mark.parametrize("damage", ["truncated weights", "empty state", "missing state"])
-def test_resume_auto_passes_over_a_damaged_newest_checkpoint(damage, corpus, tmp_path, capsys, restore_torch_globals):
-    out = tmp_path / "damaged"
-    pretrain.main(common(corpus, out, "--method", "sltrain", "--steps", "3", "--save-every", "1", "--keep", "3"))
-    newest = out / "checkpoints" / "step_00000003"
-    if damage == "truncated weights":
-        data = (newest / "model.safetensors").read_bytes()
-        (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
-    elif damage == "empty state":
-        (newest / "state_rank0.pt").write_bytes(b"")
-    else:
-        (newest / "state_rank0.pt").unlink()
-    capsys.readouterr()
-    pretrain.main(common(corpus, out, "--method", "sltrain", "--steps", "4", "--resume", "auto", "--keep", "3",
-                         "--save-every", "1"))
-    captured = capsys.readouterr()
-    assert f"checkpoint {newest} is damaged" in captured.err and "weights_only=False" not in captured.err
-    assert "resumed from" in captured.out and "step_00000002 at step 2" in captured.out
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir())  # no temporary or half-deleted folders
-    assert kept == ["step_00000002", "step_00000003", "step_00000004"]
-    from recipes.checkpoint import damage
-
-    assert all(damage(out / "checkpoints" / name) is None for name in kept)  # the damaged one was rewritten
 
 
 @pytest.mark.parametrize("flags, message", [

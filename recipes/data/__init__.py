@@ -145,6 +145,10 @@ def build_data(config: DataConfig) -> Data:
                              f"train and validation must not overlap")
         train_source = _DocumentSource.local("data_files", train_files, config)
         valid_source = _DocumentSource.local("valid_files", valid_list, config) if valid_list else None
+        for argument, source, spec in (("data_files", train_source, data_files), ("valid_files", valid_source, valid_files)):
+            if source is not None and not source.has_text():  # a tokenizer trained on nothing, EOS-only batches
+                raise ValueError(f"{argument}={spec!r}: its {len(source.shard_names)} file(s) hold no text (empty "
+                                 f"or whitespace only); give files with text in them")
         if config.tokenizer is not None:
             tokenizer, tokenizer_path = _load_tokenizer(config.tokenizer)
         else:

@@ -107,6 +107,10 @@ class _DocumentSource:
             if row >= first:
                 yield row, self._text(example, shard, row)
 
+    def has_text(self) -> bool:
+        """Whether any document holds more than whitespace (reads up to the first that does)."""
+        return any(text.strip() for _, _, text in self.canonical())
+
     def canonical(self) -> Iterator[tuple[int, int, str]]:
         """``(shard, index, text)`` of every document: shards in sorted order, documents in file order."""
         for shard in range(len(self.shard_names)):
