@@ -15,26 +15,37 @@ from lsparam.sparse.support import uniform_flat_indices
 needs_native = pytest.mark.skipif(
     not native.available(torch.zeros(1)), reason="the native kernels could not be built (no C++ compiler?)"
 )
-TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-4)}
+TOLERANCE = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-5, "atol": 1e-4}}
+
+
+def drop_rows(flat: torch.Tensor, features: int, empty: torch.Tensor) -> torch.Tensor:
+    """``flat`` without the entries of the rows flagged in ``empty`` (one entry left if none would be)."""
+    kept = flat[~empty[flat // features]]
+    return kept if kept.numel() else flat[:1]
 
 
 @st.composite
 def kernel_problems(draw):
-    """Supports over more than one row block (128 rows) and partial 16×16 transpose tiles, token counts
-    across the kernels' blocks (16 or 32 float32 tokens forward, 16 to 128 for dV, by thread count;
-    half as many float64) on 1 to 3 threads, activations whose rows are longer than their width."""
+    """Supports over more than one row block (128 rows) and partial 16×16 transpose tiles, with rows left
+    empty, token counts across the kernels' blocks (16 or 32 float32 tokens forward, 16 to 128 for dV, by
+    thread count; half as many float64) and a single token, on 1 to 3 threads, activations whose rows are
+    longer than their width; columns as SparseSupport holds them (uint16) or as int32."""
     rows, features = draw(st.integers(1, 300)), draw(st.integers(1, 1100))
-    tokens = draw(st.integers(0, 300))
+    tokens = draw(st.sampled_from([0, 1, 2]) | st.integers(0, 300))
     nnz = max(1, int(draw(st.floats(0.0005, 0.3)) * rows * features))
     seed = draw(st.integers(0, 2**31))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     pad = draw(st.integers(0, 3))
     generator = torch.Generator().manual_seed(seed)
-    support = SparseSupport(uniform_flat_indices(rows * features, nnz, seed), (rows, features), persistent=False)
-    values = torch.randn(nnz, dtype=torch.float64, generator=generator)
+    flat = uniform_flat_indices(rows * features, nnz, seed)
+    if draw(st.booleans()):  # some rows without any entry
+        flat = drop_rows(flat, features, torch.rand(rows, generator=generator) < 0.3)
+    support = SparseSupport(flat, (rows, features), persistent=False)
+    col = support.col_indices if draw(st.booleans()) else support.col_indices.to(torch.int32)
+    values = torch.randn(support.nnz, dtype=torch.float64, generator=generator)
     x = torch.randn(tokens, features + pad, dtype=torch.float64, generator=generator)[:, :features]
     grad = torch.randn(tokens, rows, dtype=torch.float64, generator=generator)
-    return support, values, x, grad, dtype, draw(st.integers(1, 3))
+    return support, col, values, x, grad, dtype, draw(st.integers(1, 3))
 
 
 @contextlib.contextmanager
@@ -51,14 +62,29 @@ def num_threads(threads: int):
 @settings(max_examples=60, deadline=None)
 @given(problem=kernel_problems(), transposed_out=st.booleans())
 def test_spmm_add_adds_x_times_s_transposed(problem, transposed_out):
-    support, values, x, _, dtype, threads = problem
+    support, col, values, x, _, dtype, threads = problem
     start = torch.randn(x.shape[0], support.shape[0], dtype=torch.float64)
     out = start.to(dtype, copy=True)
     if transposed_out:  # rows not contiguous: the op works on a copy and adds it back
         out = out.t().contiguous().t()
     with num_threads(threads):
-        native.spmm_add_(x.to(dtype), support.crow_indices, support.col_indices, values.to(dtype), out)
-    expected = start + x @ support.to_dense(values).t()
+        native.spmm_add_(x.to(dtype), support.crow_indices, col, values.to(dtype), out)
+    expected = start + x @ dense_of(support, values).t()
+    torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(problem=kernel_problems(), transposed_out=st.booleans())
+def test_spmm_t_add_adds_grad_times_s(problem, transposed_out):
+    support, col, values, _, grad, dtype, threads = problem
+    start = torch.randn(grad.shape[0], support.shape[1], dtype=torch.float64)
+    out = start.to(dtype, copy=True)
+    if transposed_out:
+        out = out.t().contiguous().t()
+    with num_threads(threads):
+        native.spmm_t_add_(grad.to(dtype), support.crow_indices, col, values.to(dtype), out)
+    expected = start + grad @ dense_of(support, values)
     torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
 
 
@@ -66,11 +92,62 @@ def test_spmm_add_adds_x_times_s_transposed(problem, transposed_out):
 @settings(max_examples=60, deadline=None)
 @given(problem=kernel_problems())
 def test_entry_dots_are_the_sampled_entries_of_grad_t_x(problem):
-    support, _, x, grad, dtype, threads = problem
+    support, col, _, x, grad, dtype, threads = problem
     with num_threads(threads):
-        dots = native.entry_dots(grad.to(dtype), x.to(dtype), support.crow_indices, support.col_indices)
-    expected = (grad.t() @ x).reshape(-1)[support.flat_indices()]
+        dots = native.entry_dots(grad.to(dtype), x.to(dtype), support.crow_indices, col)
+    expected = (grad.t() @ x)[rows_of(support), support.col_indices.to(torch.int64)]
     torch.testing.assert_close(dots.double(), expected, **TOLERANCE[dtype])
+
+
+def rows_of(support: SparseSupport) -> torch.Tensor:
+    """Each entry's row, from the row pointers by a plain loop (not the code under test)."""
+    crow = support.crow_indices.tolist()
+    return torch.tensor([r for r in range(support.shape[0]) for _ in range(crow[r + 1] - crow[r])], dtype=torch.int64)
+
+
+def dense_of(support: SparseSupport, values: torch.Tensor) -> torch.Tensor:
+    """S in float64, placed entry by entry from the CSR arrays."""
+    dense = torch.zeros(support.shape, dtype=torch.float64)
+    dense[rows_of(support), support.col_indices.to(torch.int64)] = values.to(torch.float64)
+    return dense
+
+
+@needs_native
+@settings(max_examples=12, deadline=None)
+@given(
+    features=st.sampled_from([32767, 32768, 32769, 65535, 65536, 65537]),
+    rows=st.integers(1, 3),
+    tokens=st.integers(1, 20),
+    seed=st.integers(0, 2**31),
+)
+def test_the_kernels_read_columns_past_the_int16_range(features, rows, tokens, seed):
+    """Columns of 32,768 and up (negative as int16), up to the last uint16 one, and int32 past 65,536."""
+    generator = torch.Generator().manual_seed(seed)
+    flat = uniform_flat_indices(rows * features, 40, seed)
+    flat = torch.cat([flat, torch.tensor([features - 1, features - 2, 32767, 32768])]).unique()  # the edges
+    flat = flat[flat < rows * features]
+    support = SparseSupport(flat, (rows, features), persistent=False)
+    assert support.col_indices.dtype == (torch.uint16 if features <= 65536 else torch.int32)
+    values = torch.randn(support.nnz, dtype=torch.float64, generator=generator)
+    x = torch.randn(tokens, features, dtype=torch.float64, generator=generator)
+    grad = torch.randn(tokens, rows, dtype=torch.float64, generator=generator)
+    dense = dense_of(support, values)
+    y = torch.zeros(tokens, rows, dtype=torch.float64)
+    native.spmm_add_(x, support.crow_indices, support.col_indices, values, y)
+    dx = torch.zeros(tokens, features, dtype=torch.float64)
+    native.spmm_t_add_(grad, support.crow_indices, support.col_indices, values, dx)
+    dv = native.entry_dots(grad, x, support.crow_indices, support.col_indices)
+    torch.testing.assert_close(y, x @ dense.t(), **TOLERANCE[torch.float64])
+    torch.testing.assert_close(dx, grad @ dense, **TOLERANCE[torch.float64])
+    torch.testing.assert_close(dv, (grad.t() @ x)[rows_of(support), support.col_indices.to(torch.int64)])
+
+
+@needs_native
+def test_the_kernels_refuse_other_index_types():
+    support = SparseSupport(uniform_flat_indices(40 * 30, 90, 0), (40, 30), persistent=False)
+    x, values = torch.randn(20, 30), torch.randn(90)
+    with pytest.raises(ValueError, match="uint16 or int32 columns; got crow torch.int32, col torch.int64"):
+        native.spmm_add_(x, support.crow_indices, support.col_indices.to(torch.int64), values, torch.zeros(20, 40))
 
 
 @needs_native
@@ -78,8 +155,10 @@ def test_custom_ops_pass_opcheck():
     """Schemas, fake (shape-only) implementations and in-place mutation as declared: what compile relies on."""
     support = SparseSupport(uniform_flat_indices(40 * 30, 90, 0), (40, 30), persistent=False)
     x, grad, values = torch.randn(20, 30), torch.randn(20, 40), torch.randn(90)
-    torch.library.opcheck(native.spmm_add_op, (x, support.crow_indices, support.col_indices, values, torch.zeros(20, 40)))
-    torch.library.opcheck(native.entry_dots_op, (grad, x, support.crow_indices, support.col_indices))
+    crow, col = support.crow_indices, support.col_indices
+    torch.library.opcheck(native.spmm_add_op, (x, crow, col, values, torch.zeros(20, 40)))
+    torch.library.opcheck(native.spmm_t_add_op, (grad, crow, col, values, torch.zeros(20, 30)))
+    torch.library.opcheck(native.entry_dots_op, (grad, x, crow, col))
 
 
 @needs_native
@@ -89,9 +168,10 @@ def test_eager_calls_show_in_the_profiler_under_the_ops_names():
     x, grad, values = torch.randn(20, 30), torch.randn(20, 40), torch.randn(90)
     with torch.profiler.profile() as profile:
         native.spmm_add_(x, support.crow_indices, support.col_indices, values, torch.zeros(20, 40))
+        native.spmm_t_add_(grad, support.crow_indices, support.col_indices, values, torch.zeros(20, 30))
         native.entry_dots(grad, x, support.crow_indices, support.col_indices)
     names = {event.key for event in profile.key_averages()}
-    assert {"lsparam::spmm_add_", "lsparam::entry_dots"} <= names
+    assert {"lsparam::spmm_add_", "lsparam::spmm_t_add_", "lsparam::entry_dots"} <= names
 
 
 def _sltrain_forward_backward(dtype):
