@@ -126,8 +126,8 @@ def test_uniform_support_is_deterministic_sorted_and_unique():
 
 
 def independent_index_bytes(out_features: int, in_features: int, nnz: int, transposed: bool) -> int:
-    """What the support should hold: 2-byte columns (4 past 65,536 wide), int32 row pointers, and where a
-    path keeps one, the int32 transpose (row pointers, rows and the permutation)."""
+    """What the support should hold: 2-byte columns (4 past 65,536 wide), int32 row pointers, and where the
+    path keeps one (CSR), the int32 transpose (row pointers, rows and the permutation)."""
     column_bytes = 2 if in_features <= 65536 else 4
     total = nnz * column_bytes + 4 * (out_features + 1)
     return total + (4 * (in_features + 1) + 8 * nnz if transposed else 0)
@@ -139,9 +139,9 @@ def independent_index_bytes(out_features: int, in_features: int, nnz: int, trans
         ("gather", torch.float32, True, False),  # the native kernels: nothing beside the CSR arrays
         ("gather", torch.float64, True, False),
         ("auto", torch.float32, True, False),
-        ("gather", torch.float32, False, True),  # embedding_bag keeps a transpose for dX
-        ("gather", torch.bfloat16, True, True),  # no bf16 kernel: embedding_bag
-        ("csr", torch.float32, True, True),
+        ("gather", torch.float32, False, False),  # embedding_bag: its transpose is made for each backward
+        ("gather", torch.bfloat16, True, False),  # no bf16 kernel: embedding_bag
+        ("csr", torch.float32, True, True),  # keeps its transpose
         ("scatter", torch.float32, True, False),
     ],
 )
@@ -232,7 +232,8 @@ def test_a_state_dict_with_int32_columns_loads_exactly(assign):
 
 def test_support_cache_follows_device_and_dtype_moves():
     layer = torch.nn.Linear(8, 8)
-    lsparam.parametrize(layer, lsparam.SLTrainConfig(rank=2, density=0.25), target_modules=None)
+    config = lsparam.SLTrainConfig(rank=2, density=0.25, sparse_backend="csr")
+    lsparam.parametrize(layer, config, target_modules=None)
     x = torch.randn(3, 8, requires_grad=True)
     layer(x).sum().backward()  # builds the transposed CSR cache
     layer.to(torch.float64)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from lsparam.config import SLTrainConfig, resolve_rank
 from lsparam.methods.base import StructuredParametrization
 from lsparam.methods.svd import balanced_factors, svd
-from lsparam.sparse import native
 from lsparam.sparse.matmul import (
     bag_sum,
     entry_dots,
@@ -130,16 +129,16 @@ class SLTrainParametrization(StructuredParametrization):
 
     def index_bytes(self, device="cpu", dtype=torch.float32) -> int:
         """The CSR arrays (int32 row pointers, 16-bit columns up to 65,536 wide: see
-        :func:`~lsparam.sparse.support.column_dtype`), plus the int32 transposed CSR and its permutation
-        that the CSR path and the gather path's ``embedding_bag`` route build for ``dX`` and keep (the
-        native kernels walk the row-major support instead). Each call's int32 copy of the columns for
-        PyTorch's sparse ops is transient, so not counted."""
+        :func:`~lsparam.sparse.support.column_dtype`), plus, on the CSR path, the int32 transposed CSR and
+        its permutation it keeps for ``dX``. The gather path makes its transpose for each backward, and
+        the routes on PyTorch's sparse ops an int32 copy of the columns for each call: transients, not
+        counted."""
         support = self.support
         total = sum(t.numel() * t.element_size() for t in (support.crow_indices, support.col_indices))
         backend = self.config.sparse_backend
         if backend == "auto":
             backend = resolve_backend("auto", torch.device(device), dtype, self.config.density)
-        if backend == "csr" or (backend == "gather" and not native.supports(device, dtype)):
+        if backend == "csr":
             total += 4 * (2 * support.nnz + support.shape[1] + 1)
         return total
 

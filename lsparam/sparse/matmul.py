@@ -7,9 +7,10 @@ gradient of the values directly in the support's row-major order.
   compiler built them: one pass over the support per block of tokens, the block transposed once in
   cache. Elsewhere ``torch.nn.functional.embedding_bag`` over features-major blocks of ``x`` (128
   tokens): every sparse entry adds one contiguous row of the block into its output row; ``dX`` the same
-  on ``Sᵀ``; ``dV`` with embedding_bag's per-sample-weight gradient (one dot product per entry). The
-  fastest path on CPU, every dtype.
-- ``csr``: CSR spmm forward, CSR of ``Sᵀ`` for ``dX``, ``sampled_addmm`` for ``dV`` (CPU fp32/fp64, CUDA).
+  on ``Sᵀ`` (transposed for each call); ``dV`` with embedding_bag's per-sample-weight gradient (one dot
+  product per entry). The fastest path on CPU, every dtype; the support holds 2 bytes per entry.
+- ``csr``: CSR spmm forward, CSR of ``Sᵀ`` for ``dX`` (kept once built), ``sampled_addmm`` for ``dV`` (CPU
+  fp32/fp64, CUDA), on int32 columns made for each call.
 - ``scatter``: scatter the values into a dense ``S`` transiently and use dense GEMMs (any device/dtype;
   the SLTrain reference's approach, dense FLOPs, fastest at high density).
 - ``semi-structured``: 2:4 sparse tensor cores for the forward (CUDA sm80+, fp16/bf16, 2:4 support).
@@ -64,13 +65,14 @@ def bag_sum(table: torch.Tensor, crow, col, weights, bags: int, out: torch.Tenso
 
 
 def input_grad(grad: torch.Tensor, values: torch.Tensor, support: SparseSupport, out: torch.Tensor | None = None):
-    """``dX = grad S`` (T × in), added into ``out`` if given. The native kernel walks the row-major support;
-    ``embedding_bag`` sums over the transposed support (built once and kept, 8 bytes per entry)."""
+    """``dX = grad S`` (T × in), added into ``out`` if given. Either route sums over the transposed support,
+    made for the call and dropped after it (the native kernel's counting sort, or a stable argsort here:
+    about 1% of a layer's forward and backward), so that the support holds 2 bytes per entry."""
     if native.available(*((grad, values) if out is None else (grad, values, out))):
         y = grad.new_zeros(grad.shape[0], support.shape[1]) if out is None else out
         native.spmm_t_add_(grad, support.crow_indices, support.col_indices, values, y)
         return y
-    crow_t, col_t, perm = support.transposed()
+    crow_t, col_t, perm = support.transpose()
     return bag_sum(grad, crow_t, col_t, values.index_select(0, perm), support.shape[1], out=out)
 
 

@@ -135,16 +135,15 @@ def built() -> bool:
     return library() is not None
 
 
-def supports(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """True when the kernels are on (not :func:`disabled`) and built, and run on this device and dtype
-    (CPU float32/float64): whether the callers take them for tensors of that kind."""
-    return not _disabled and torch.device(device).type == "cpu" and dtype in DTYPES and built()
-
-
 def available(*tensors: torch.Tensor) -> bool:
     """True when the kernels are built and every tensor is a CPU float32/float64 tensor of one dtype."""
     dtype = tensors[0].dtype
-    return all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and supports("cpu", dtype)
+    return (
+        not _disabled
+        and dtype in DTYPES
+        and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+        and built()
+    )
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:

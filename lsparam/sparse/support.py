@@ -65,9 +65,10 @@ class SparseSupport(nn.Module):
     pointers) and ``col_indices`` (``nnz`` columns, sorted within each row, of :func:`column_dtype`).
 
     Values of the matrix live elsewhere (a trainable vector in row-major order of the support). The
-    native kernels and the 2:4 path read these arrays as they are; the paths built on PyTorch's sparse
-    ops (``embedding_bag``, CSR) take int32 columns made for each call and a transposed copy kept once
-    built (:meth:`transposed`), which :meth:`index_tensors` lists.
+    native kernels read these arrays as they are; the routes on PyTorch's sparse ops take int32 columns
+    made for each call, and the transpose ``dX`` needs: made for each backward on the gather path
+    (:meth:`transpose`), kept once built on the CSR path (:meth:`transposed`, listed by
+    :meth:`index_tensors`).
 
     Args:
         flat_indices: sorted, unique row-major positions (``row * in + col``).
@@ -149,17 +150,21 @@ class SparseSupport(nn.Module):
             self.crow_indices, self.columns(torch.int32), values, self.shape, check_invariants=False
         )
 
+    def transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(crow, col, perm)`` of the ``in×out`` transpose in CSR form (int32, made for the caller and not
+        kept): its values are ``values[perm]``."""
+        cols = self.columns(torch.int32)
+        # the support is row-major, so a stable sort by column leaves each column's rows in order
+        perm = torch.argsort(cols, stable=True)
+        crow_t = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=cols.device)
+        crow_t[1:] = torch.bincount(cols, minlength=self.shape[1]).cumsum(0)
+        return crow_t.to(torch.int32), self.row_indices()[perm].to(torch.int32), perm.to(torch.int32)
+
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(crow, col, perm)`` of the ``in×out`` transpose in CSR form (int32, kept once built): its values
-        are ``values[perm]``. For the paths on PyTorch's sparse ops; the native kernels walk the row-major
-        support for ``dX`` and never build it."""
+        """:meth:`transpose`, kept once built (8 bytes per entry): for the CSR path, which runs on CUDA
+        where rebuilding it for each backward was not measured. The gather path never keeps it."""
         if self._transpose is None:
-            rows = self.row_indices()
-            cols = self.columns()
-            perm = torch.argsort(cols * self.shape[0] + rows)
-            crow_t = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=cols.device)
-            crow_t[1:] = torch.bincount(cols, minlength=self.shape[1]).cumsum(0)
-            self._transpose = (crow_t.to(torch.int32), rows[perm].to(torch.int32), perm.to(torch.int32))
+            self._transpose = self.transpose()
         return self._transpose
 
     def index_tensors(self) -> list[torch.Tensor]:
