@@ -8,7 +8,7 @@ torch.Size([3, 64])
 """
 
 from lsparam.api import NoSavingWarning, merge, parametrize, structured_layers, summary
-from lsparam.config import LOSTConfig, LowRankConfig, SLTrainConfig
+from lsparam.config import CoLAConfig, LOSTConfig, LowRankConfig, SLTrainConfig
 from lsparam import optim
 from lsparam.methods import register_method
 from lsparam.methods.base import StructuredParametrization
@@ -18,6 +18,7 @@ from lsparam.weight import NoDenseFormError, StructuredWeight
 __version__ = "0.1.0"
 
 __all__ = [
+    "CoLAConfig",
     "LOSTConfig",
     "LowRankConfig",
     "NoDenseFormError",

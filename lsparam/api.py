@@ -30,7 +30,7 @@ def parametrize(model: nn.Module, config=None, *, target_modules=ALL_LINEAR, exc
 
     Args:
         model: any ``nn.Module`` (or a single ``nn.Linear`` with ``target_modules=None``).
-        config: ``SLTrainConfig``, ``LOSTConfig``, ``LowRankConfig`` or a registered config;
+        config: ``SLTrainConfig``, ``LOSTConfig``, ``CoLAConfig``, ``LowRankConfig`` or a registered config;
             ``None`` means ``LOSTConfig(activation="silu")`` (rank 0.25 of each layer, 5% of channels,
             γ = 0.5): the quality study's winner; use ``LOSTConfig()`` where you need ``merge``. A dict
             ``{regex: config}`` gives each selected layer the config whose pattern its full name contains
@@ -150,12 +150,13 @@ def structured_layers(model: nn.Module) -> dict[str, tuple[nn.Module, Structured
 
 def require_dense_form(layers: dict, consequence: str) -> None:
     """Raise ``NoDenseFormError`` naming the first of ``layers`` (from :func:`structured_layers`) that has
-    no dense form (SiLU-LOST); ``consequence`` finishes the message."""
+    no dense form (SiLU-LOST, CoLA) and why; ``consequence`` finishes the message."""
     for name, (_, parametrization) in layers.items():
         if not parametrization.has_dense_form:
+            reason = f" ({parametrization.no_dense_reason})" if parametrization.no_dense_reason else ""
             raise NoDenseFormError(
                 f"layer {name or '(model)'!r} ({parametrization.method}, {parametrization.config}) has no dense "
-                f"form and {consequence}"
+                f"form{reason} and {consequence}"
             )
 
 
@@ -163,7 +164,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Replace every structured weight by its dense matrix: plain ``nn.Linear`` (or ``Conv1D``) layers
     again, each weight in its module's own layout; in place.
 
-    Refuses (``NoDenseFormError``, model untouched) when a layer has no dense form (SiLU-LOST).
+    Refuses (``NoDenseFormError``, model untouched) when a layer has no dense form (SiLU-LOST, CoLA).
 
     Example:
         >>> import torch, lsparam

@@ -21,6 +21,9 @@ DENSE_INIT = "dense"
 LOWRANK_INITS = (DENSE_INIT,)
 SLTRAIN_INITS = ("random", DENSE_INIT)
 LOST_INITS = ("paper", DENSE_INIT)
+# CoLA's activation between the factors: the paper's SiLU, or another of the official code's choices.
+COLA_ACTIVATIONS = ("silu", "gelu", "relu")
+COLA_INITS = ("random",)
 
 
 def _check_rank(rank) -> None:
@@ -248,6 +251,65 @@ class LOSTConfig(_ConfigBase):
                     f"whole residual and starts W_s from it. Got residual_window={self.residual_window!r}, "
                     f"sparse_init={self.sparse_init!r}."
                 )
+
+
+@dataclass
+class CoLAConfig(_ConfigBase):
+    """CoLA: every linear layer becomes ``y = B σ(A x)``, a rank-``r`` bottleneck with a nonlinearity
+    between the factors (Liu et al., 2025).
+
+    ``A`` (r×in) and ``B`` (out×r) start with independent normal entries of standard deviation
+    ``r^(-1/4) · (in + out)^(-1/4)`` (the paper's init; ``B A`` then has entries of standard deviation
+    ``1/√(in + out)``), drawn from a generator seeded from ``(seed, layer name, shape)``: the layer's dense
+    weight is not used. With σ between the factors the layer has no dense form, so ``merge`` and dense
+    export refuse it. ``checkpoint=True`` saves only the layer's input for backward and recomputes
+    ``A x`` there (one extra ``r×in`` product per layer) instead of keeping ``r`` values per token.
+
+    >>> CoLAConfig(rank=128)
+    CoLAConfig(rank=128, activation='silu', checkpoint=False, seed=0, init='random')
+    >>> CoLAConfig(activation="tanh")
+    Traceback (most recent call last):
+        ...
+    ValueError: activation must be one of ['silu', 'gelu', 'relu']; got activation='tanh'
+    """
+
+    method = "cola"
+    rank: int | float = field(
+        default=0.25, metadata={"help": "int rank, or a float in (0, 1): fraction of min(in, out)"}
+    )
+    activation: str = field(
+        default="silu",
+        metadata={"help": f"the nonlinearity between the factors, one of {list(COLA_ACTIVATIONS)} (the paper: silu)"},
+    )
+    checkpoint: bool = field(
+        default=False,
+        metadata={"help": "True: save only the layer's input for backward and recompute A x there (less memory, "
+                          "one more r x in product per layer)"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the random init (with layer name and shape)"})
+    init: str = field(
+        default="random",
+        metadata={"help": "'random' (the paper's: normal factors, the dense weight unused; the only init)"},
+    )
+
+    def __post_init__(self):
+        _check_rank(self.rank)
+        _check_choice("activation", self.activation, COLA_ACTIVATIONS)
+        if not isinstance(self.checkpoint, bool):
+            raise TypeError(
+                f"checkpoint must be True or False; got checkpoint={self.checkpoint!r} of type "
+                f"{type(self.checkpoint).__name__}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int; got seed={self.seed!r}")
+        if self.init == DENSE_INIT:
+            raise ValueError(
+                "init='dense' starts from the closest weight of a method's structure to the layer's current one, but "
+                "CoLA has no dense form (a nonlinearity sits between the factors), so no CoLA weight is closest. "
+                "CoLA starts from its random init (init='random'); for continued pretraining use a linear method "
+                "(LowRankConfig, SLTrainConfig(init='dense') or LOSTConfig(init='dense'))."
+            )
+        _check_choice("init", self.init, COLA_INITS)
 
 
 def default_config() -> LOSTConfig:

@@ -102,7 +102,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s ``state_dict`` with every lsparam layer's entries replaced by its dense ``weight``.
 
     The keys are those of the unparametrized model, so a dense model of the same architecture loads it.
-    Only the dense weights are new memory; the model is not changed. SiLU-LOST layers have no dense
+    Only the dense weights are new memory; the model is not changed. SiLU-LOST and CoLA layers have no dense
     form: ``NoDenseFormError``.
 
     Example:
@@ -139,7 +139,7 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
     Writes what ``model.save_pretrained`` writes (``config.json``, ``model.safetensors``...) but with the
     dense weights of :func:`dense_state_dict`, so vanilla ``AutoModelForCausalLM.from_pretrained`` loads
     it and computes the same function. Keyword arguments pass through to ``save_pretrained``. Refuses
-    SiLU-LOST layers (``NoDenseFormError``): they have no dense form.
+    SiLU-LOST and CoLA layers (``NoDenseFormError``): they have no dense form.
 
     Example:
         >>> import tempfile, torch, lsparam, lsparam.io

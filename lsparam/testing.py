@@ -28,8 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lsparam.api import merge, structured_layers
-from lsparam.config import LOSTConfig, LowRankConfig, SLTrainConfig, resolve_rank
+from lsparam.config import (
+    CoLAConfig,
+    LOSTConfig,
+    LowRankConfig,
+    SLTrainConfig,
+    resolve_rank,
+)
 from lsparam.methods.base import StructuredParametrization
+from lsparam.methods.cola import CoLAParametrization
 from lsparam.methods.lost import LOSTParametrization
 from lsparam.methods.lowrank import LowRankParametrization
 from lsparam.methods.sltrain import SLTrainParametrization, sltrain_nnz
@@ -80,7 +87,7 @@ def linear_layers(min_features: int = MIN_FEATURES, max_features: int = 32, dtyp
     return build()
 
 
-def configs(methods=("lowrank", "sltrain", "lost")):
+def configs(methods=("lowrank", "sltrain", "lost", "cola")):
     """A hypothesis strategy of valid configs for the named built-in methods.
 
     Every config drawn fits any layer with both sides at least ``MIN_FEATURES`` (4): ranks are an int in
@@ -95,7 +102,7 @@ def configs(methods=("lowrank", "sltrain", "lost")):
     """
     from hypothesis import strategies as st
 
-    known = {"lowrank", "sltrain", "lost"}
+    known = {"lowrank", "sltrain", "lost", "cola"}
     unknown = set(methods) - known
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {sorted(known)}; got {methods!r}")
@@ -126,6 +133,8 @@ def configs(methods=("lowrank", "sltrain", "lost")):
             st.builds(LOSTConfig, rank=rank, channel_ratio=st.floats(0.01, 1.0),
                       gamma=st.one_of(st.just(0.0), st.floats(1e-6, 1.0)), init=st.just("dense")),
         ),
+        "cola": st.builds(CoLAConfig, rank=rank, activation=st.sampled_from(["silu", "gelu", "relu"]),
+                          checkpoint=st.booleans(), seed=st.integers(0, 2**16)),
     }
     return st.one_of(*(strategies[m] for m in methods))
 
@@ -161,6 +170,8 @@ def reference_weight(parametrization: StructuredParametrization, factors) -> tor
     if isinstance(parametrization, SLTrainParametrization):
         B, A, values = f
         return (parametrization.config.alpha / parametrization.rank) * (B @ A) + _sparse_dense(parametrization, values)
+    if isinstance(parametrization, CoLAParametrization):
+        return None  # a nonlinearity between the factors: no matrix
     if isinstance(parametrization, LOSTParametrization):
         if parametrization.config.activation is not None:
             return None
@@ -185,6 +196,17 @@ def reference_forward(parametrization: StructuredParametrization, factors, x: to
             hidden = hidden * torch.sigmoid(hidden)  # SiLU written out
         selector = _column_selector(parametrization.channels, parametrization.in_features)
         return gamma * hidden @ B.T + (1 - gamma) * (x @ selector) @ sparse.T
+    if isinstance(parametrization, CoLAParametrization):
+        B, A = factors
+        hidden = x @ A.T
+        activation = parametrization.config.activation
+        if activation == "silu":
+            hidden = hidden * torch.sigmoid(hidden)
+        elif activation == "gelu":
+            hidden = hidden * 0.5 * (1 + torch.erf(hidden / math.sqrt(2)))  # the exact (erf) GELU
+        else:
+            hidden = hidden.clamp(min=0)
+        return hidden @ B.T
     if isinstance(parametrization, SLTrainParametrization):
         B, A, values = factors
         scale = parametrization.config.alpha / parametrization.rank
@@ -209,7 +231,7 @@ def _close(actual, expected, what: str, name: str, atol: float, rtol: float) -> 
 def _check_counts_and_support(name: str, p: StructuredParametrization, factors) -> None:
     out_f, in_f = p.out_features, p.in_features
     count = sum(f.numel() for f in factors)
-    if isinstance(p, (LowRankParametrization, SLTrainParametrization, LOSTParametrization)):
+    if isinstance(p, (LowRankParametrization, SLTrainParametrization, LOSTParametrization, CoLAParametrization)):
         r = resolve_rank(p.config.rank, out_f, in_f)
         expected = r * (in_f + out_f)
         if isinstance(p, SLTrainParametrization):

@@ -180,7 +180,9 @@ METHODS = {
     "lost_dense": lsparam.LOSTConfig(rank=4, channel_ratio=0.125, init="dense"),
 }
 SILU = lsparam.LOSTConfig(rank=4, channel_ratio=0.125, activation="silu")
-ALL_METHODS = {**METHODS, "lost_silu": SILU}
+COLA = lsparam.CoLAConfig(rank=4)
+NO_DENSE_FORM = {"lost_silu": SILU, "cola": COLA}  # a nonlinearity between the factors
+ALL_METHODS = {**METHODS, **NO_DENSE_FORM}
 
 
 def parametrize_quietly(model, config, **kwargs):
@@ -260,7 +262,7 @@ def test_forward_shape_and_backward_reaches_every_parameter(family, method, no_d
 
     factors = factor_parameters(model)
     # B, A and the sparse part of every selected layer, and nothing else
-    per_layer = {"lowrank": 2, "sltrain_dense": 3, "lost_dense": 3, "lost_silu": 3}[method]
+    per_layer = {"lowrank": 2, "sltrain_dense": 3, "lost_dense": 3, "lost_silu": 3, "cola": 2}[method]
     assert len(factors) == per_layer * len(selected)
     for name, p in factors.items():
         assert p.grad is not None, f"no gradient reached factor {name}"
@@ -298,10 +300,11 @@ def test_merge_computes_the_same_function_with_the_original_classes(family, meth
     assert_outputs_close(run_no_grad(model, family), parametrized, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", list(NO_DENSE_FORM))
 @pytest.mark.parametrize("family", FAMILY_IDS)
-def test_merge_refuses_silu_lost_and_leaves_the_model_parametrized(family):
+def test_merge_refuses_a_method_without_dense_form_and_leaves_the_model_parametrized(family, method):
     model = build(family)
-    parametrize_quietly(model, SILU)
+    parametrize_quietly(model, NO_DENSE_FORM[method])
     before = run_no_grad(model, family)
     with pytest.raises(lsparam.NoDenseFormError):
         lsparam.merge(model)

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from lsparam.config import LOSTConfig, LowRankConfig, SLTrainConfig
-from lsparam.methods import lost, lowrank, sltrain
+from lsparam.config import CoLAConfig, LOSTConfig, LowRankConfig, SLTrainConfig
+from lsparam.methods import cola, lost, lowrank, sltrain
 from lsparam.methods.base import StructuredParametrization
 
 
@@ -88,5 +88,6 @@ def registered_methods() -> dict[str, Method]:
 register_method("lowrank", LowRankConfig, lowrank.build)
 register_method("sltrain", SLTrainConfig, sltrain.build)
 register_method("lost", LOSTConfig, lost.build)
+register_method("cola", CoLAConfig, cola.build)
 
 __all__ = ["StructuredParametrization", "register_method", "unregister_method", "method_for", "registered_methods"]

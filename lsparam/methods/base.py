@@ -44,12 +44,18 @@ class StructuredParametrization(nn.Module):
     weight is then the transpose of ``dense()``. ``init_error`` is the relative Frobenius error of the
     starting weight against the dense weight it replaced (``None`` without a dense form, or once a
     state_dict has been loaded over the factors).
+
+    ``no_dense_reason`` says, in error messages, why a layer without a dense form has none.
+    ``load_ignores`` names config fields that change how the forward runs but not what it computes or what
+    the factors mean (CoLA's ``checkpoint``): a state_dict saved with other values of them still loads.
     """
 
     method: str = "structured"
     factor_names: tuple[str, ...] = ()
     factor_roles: tuple[str, ...] = ()  # one per factor name; "other" where a subclass leaves it empty
     has_dense_form: bool = True
+    no_dense_reason: str = ""
+    load_ignores: tuple[str, ...] = ()
 
     def __init__(self, config, out_features: int, in_features: int, layer_name: str = ""):
         super().__init__()
@@ -180,7 +186,12 @@ def _check_spec_on_load(module, state_dict, prefix, *args, **kwargs):
         try:
             stored_obj, expected_obj = json.loads(stored), json.loads(expected)
             _fill_new_config_fields(stored_obj, expected_obj, module.config)
-            if stored_obj == expected_obj:  # the same config, saved before its newest fields existed
+            for spec in (stored_obj, expected_obj):  # fields that need not match (load_ignores)
+                if isinstance(spec.get("config"), dict):
+                    for name in module.load_ignores:
+                        spec["config"].pop(name, None)
+            # the same config, saved before its newest fields existed or with other load_ignores values
+            if stored_obj == expected_obj:
                 state_dict[key] = encode_spec(module.spec())
                 return
             diff = _describe_difference(stored_obj, expected_obj)
@@ -225,6 +236,7 @@ def _describe_difference(stored: dict, expected: dict) -> str:
 
 
 def no_dense_form(method: str) -> NoDenseFormError:
+    """The error ``dense`` raises for a weight with a nonlinearity between its factors (``method`` names it)."""
     return NoDenseFormError(
         f"the {method} weight has no dense equivalent (its forward applies a nonlinearity between the "
         f"factors), so it cannot be read as a matrix or merged. Use the layer's forward, or a linear variant."

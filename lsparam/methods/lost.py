@@ -74,6 +74,7 @@ class LOSTParametrization(StructuredParametrization):
     method = "lost"
     factor_names = ("B", "A", "sparse")
     factor_roles = ("lowrank_out", "lowrank_in", "sparse")
+    no_dense_reason = "a nonlinearity sits between its factors"  # shown when activation is not None
 
     def __init__(self, config: LOSTConfig, out_features: int, in_features: int, layer_name: str = ""):
         self.rank = resolve_rank(config.rank, out_features, in_features, layer=layer_name)
