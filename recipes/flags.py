@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from lsparam.config import LOST_SPARSE_INITS, SPARSE_BACKENDS
-from lsparam.presets import DEFAULT_LR, size_of
+from lsparam.presets import default_lr, size_of, training_defaults
 from lsparam.presets import METHODS as LIBRARY_METHODS
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 METHODS = (*LIBRARY_METHODS, "galore")  # lsparam's methods, and GaLore's optimizer-side projection
 KNOBS = {  # flag dest -> (config field, methods that have it)
-    "rank": ("rank", ("lowrank", "sltrain", "lost", "lost-silu", "galore")),
+    "rank": ("rank", ("lowrank", "sltrain", "lost", "lost-silu", "cola", "galore")),
     "density": ("density", ("sltrain",)),
     "alpha": ("alpha", ("sltrain",)),
     "seed_support": ("seed", ("sltrain",)),
@@ -38,6 +38,8 @@ KNOBS = {  # flag dest -> (config field, methods that have it)
     "gamma": ("gamma", ("lost", "lost-silu")),
     "sparse_init": ("sparse_init", ("lost", "lost-silu")),
     "residual_window": ("residual_window", ("lost", "lost-silu")),
+    "activation": ("activation", ("cola",)),
+    "cola_checkpoint": ("checkpoint", ("cola",)),
     "galore_scale": ("scale", ("galore",)),
     "update_proj_gap": ("update_proj_gap", ("galore",)),
 }
@@ -46,7 +48,7 @@ MUST_MATCH = ("model", "method", *KNOBS, "precision", "batch_size", "seq_len", "
               "state_bits", "dataset", "data_files", "valid_files", "tokenizer", "vocab_size", "seed", "parallel")
 # Flags a resumed run may change: they take effect from the resumed step (recipes.checkpoint).
 MAY_CHANGE = ("lr", "linear_lr_scale", "weight_decay", "clip_norm", "warmup", "min_lr_ratio", "eval_every", "eval_batches",
-              "save_every", "keep")
+              "save_every", "keep", "lean_head")
 DEFAULT_STEPS = 300  # the offline CPU run when neither --steps nor --tokens is given
 DESCRIPTION = "Pretrain a LLaMA with low-rank plus sparse weights (SLTrain, LOST), or a baseline."
 
@@ -91,21 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--gamma", type=float, help="LOST: weight of the low-rank path (default 0.5)")
     a.add_argument("--sparse-init", choices=LOST_SPARSE_INITS, help="LOST: W_s from W0 (default) or the residual")
     a.add_argument("--residual-window", type=int, help="LOST: score channels on components r..r+k-1 only")
+    a.add_argument("--activation", choices=("silu", "gelu", "relu"), help="CoLA: the activation between the factors (default silu)")
+    a.add_argument("--cola-checkpoint", action="store_true", default=None,
+                   help="CoLA: recompute each layer's x Aᵀ in backward instead of saving it (less activation memory)")
     a.add_argument("--galore-scale", type=float, help="GaLore: update scale (default 0.25)")
     a.add_argument("--update-proj-gap", type=int, help="GaLore: steps between projection updates (default 200)")
     a = p.add_argument_group("optimizer")
-    a.add_argument("--lr", type=float, help="peak learning rate (default: full 1e-3, galore 1e-2, others 3e-3)")
+    a.add_argument("--lr", type=float, help="peak learning rate (default: full 1e-3, galore 1e-2, cola 6e-3 to 1e-3 by "
+                   "size as its paper, others 3e-3)")
     a.add_argument("--linear-lr-scale", type=float, default=1.0,
                    help="learning rate of the decoder layers' linear weights (dense or lsparam factors) as a multiple "
                         "of --lr; embeddings, head and norms keep --lr (default: %(default)s)")
-    a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0, as the papers)")
+    a.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0 as the SLTrain and GaLore papers; cola 0.01)")
     a.add_argument("--state-bits", type=int, choices=(32, 8, 4), default=32, help="optimizer state bits (torchao for 8/4)")
     a.add_argument("--per-layer", action="store_true", help="update each parameter inside backward (single process only)")
     a.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
-    a.add_argument("--clip-norm", type=float, default=1.0, help="gradient clipping norm; 0 disables (default: %(default)s)")
+    a.add_argument("--clip-norm", type=float, help="gradient clipping norm; 0 disables (default: 1.0; cola 0.5)")
     a.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="weights dtype (default: bf16 on CUDA, fp32 on CPU)")
-    a.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup (default: %(default)s)")
-    a.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (default: %(default)s)")
+    a.add_argument("--warmup", type=float, help="fraction of steps of linear warmup (default: 0.1; cola at 60M 0.2)")
+    a.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (default: 0.1)")
     a.add_argument("--seed", type=int, default=0, help="seed of init, data order and RNG (default: %(default)s)")
     a = p.add_argument_group("budget and data")
     a.add_argument("--tokens", type=parse_size, help="training tokens (50M, 1.5B, 200k); sets the number of steps")
@@ -131,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     a.add_argument("--threads", type=int, help="CPU threads per process (default: usable cores / local processes)")
     a.add_argument("--grad-checkpointing", action="store_true", help="recompute each decoder layer in backward")
+    a.add_argument("--lean-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute the LM head and loss in chunks of tokens, never the full logits (default: on)")
     a.add_argument("--no-deterministic", action="store_true", help="allow nondeterministic kernels (faster on GPU)")
     a.add_argument("--kill-after-step", type=int, help=argparse.SUPPRESS)  # test hook: SIGKILL itself after step N (and its checkpoint, if due)
     return p
@@ -184,11 +192,11 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise RecipeError(f"--seed must lie in [0, 2**32); got {args.seed}")
     if args.seq_len < 2:
         raise RecipeError(f"--seq-len must be >= 2 (the model predicts token t+1 from tokens <= t); got {args.seq_len}")
+    _fill_training_defaults(args)
     for name in ("steps", "eval_every", "save_every", "clip_norm", "weight_decay"):
         value = getattr(args, name)
         if value is not None and (value < 0 or not math.isfinite(value)):
             raise RecipeError(f"--{name.replace('_', '-')} must be >= 0; got {value}")
-    args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise RecipeError(f"--lr must be a positive number; got {args.lr}")
     if not (args.linear_lr_scale > 0 and math.isfinite(args.linear_lr_scale)):
@@ -204,9 +212,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.dataset and args.data_files:
         raise RecipeError("--dataset and --data-files are alternatives: give one (or neither for the offline corpus)")
     _check_parallel_and_optimizer(args)
-    if args.export and args.method == "lost-silu" and not exporting_a_checkpoint(args):  # there, the checkpoint's method decides
-        raise RecipeError("--export refused: --method lost-silu has no dense form (y = γ·SiLU(x Aᵀ) Bᵀ + ... is not "
-                          "x Wᵀ for any W); use --method lost (linear LOST merges exactly) or drop --export")
+    if args.export and args.method in ("lost-silu", "cola") and not exporting_a_checkpoint(args):  # there, the checkpoint's method decides
+        raise RecipeError(f"--export refused: --method {args.method} has no dense form (a nonlinearity sits between its "
+                          f"factors: y = ...σ(x Aᵀ) Bᵀ is not x Wᵀ for any W); use --method lost (linear LOST merges "
+                          f"exactly) or drop --export")
     if args.export:
         check_export_target(args.export)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -250,6 +259,26 @@ def _check_parallel_and_optimizer(args: argparse.Namespace) -> None:
             import galore_torch  # noqa: F401
         except ImportError:
             raise RecipeError("--method galore needs the galore-torch package: pip install galore-torch") from None
+
+
+GENERIC_TRAINING = {"weight_decay": 0.0, "clip_norm": 1.0, "warmup": 0.1, "min_lr_ratio": 0.1}
+
+
+def _fill_training_defaults(args: argparse.Namespace) -> None:
+    """--lr, --weight-decay, --clip-norm, --warmup, --min-lr-ratio left unset take the method's published
+    settings at this size (lsparam.presets: CoLA's scripts set all of them), else the generic ones."""
+    try:
+        from transformers import LlamaConfig
+
+        size = size_of(LlamaConfig.from_json_file(args.config_path))
+    except Exception:  # noqa: BLE001  (a config find_config accepted but transformers cannot read: no size)
+        size = None
+    published = training_defaults(args.method, size)
+    for name, generic in GENERIC_TRAINING.items():
+        if getattr(args, name) is None:
+            setattr(args, name, published.get(name, generic))
+    if args.lr is None:
+        args.lr = default_lr(args.method, size)
 
 
 def method_settings(args: argparse.Namespace, size: str | None):

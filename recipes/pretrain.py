@@ -66,6 +66,7 @@ from recipes import checkpoint, distributed
 from recipes.summary import peak_memory_mib, summarize
 from recipes.checkpoint import WriteFailed, export_checkpoint
 from recipes.health import HealthWatch
+from recipes.lean_head import use_lean_head
 from recipes.flags import DEFAULT_STEPS, RecipeError, build_parser, check_args, exporting_a_checkpoint, method_settings
 
 
@@ -105,6 +106,8 @@ def build_model(args, config, settings, device) -> nn.Module:
             lsparam.parametrize(model, settings, progress=False)
         except (TypeError, ValueError) as error:
             raise RecipeError(f"--method {args.method} on {args.model}: {error}") from None
+    if args.lean_head:
+        use_lean_head(model)
     return model.to(dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
 
 

@@ -24,7 +24,7 @@ from tests.recipe_runs import ROOT, SEQ, TINY, aligned_args, common, read_metric
 
 
 # ---- single process -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["full", "lowrank", "sltrain", "lost", "lost-silu"])
+@pytest.mark.parametrize("method", ["full", "lowrank", "sltrain", "lost", "lost-silu", "cola"])
 def test_each_method_runs_and_writes_its_outputs(corpus, tmp_path, method, restore_torch_globals):
     out = tmp_path / method
     summary = pretrain.main(common(corpus, out, "--method", method, "--steps", "3", "--eval-batches", "1"))
@@ -162,6 +162,23 @@ def test_linear_lr_scale_sets_the_decoder_linears_rate(method):
         expected = 0.005 * (0.25 if ".layers." in name and "_proj" in name else 1.0) * moves
         largest = (p.detach() - before[name]).abs().max().item()
         assert largest == pytest.approx(expected, rel=1e-3), name
+
+
+@pytest.mark.parametrize("method, size, flags, expected", [
+    ("cola", "llama_60m", [], dict(lr=6e-3, weight_decay=0.01, clip_norm=0.5, warmup=0.2, min_lr_ratio=0.1)),
+    ("cola", "llama_1b", [], dict(lr=2e-3, weight_decay=0.01, clip_norm=0.5, warmup=0.1)),
+    ("cola", "llama_60m", ["--lr", "1e-3", "--clip-norm", "0", "--weight-decay", "0"], dict(lr=1e-3, clip_norm=0, weight_decay=0)),
+    ("sltrain", "llama_60m", [], dict(lr=3e-3, weight_decay=0.0, clip_norm=1.0, warmup=0.1, min_lr_ratio=0.1)),
+    ("full", "llama_9m", [], dict(lr=1e-3, weight_decay=0.0, clip_norm=1.0)),
+])
+def test_training_defaults_are_the_methods_published_ones_unless_set(method, size, flags, expected):
+    from lsparam.presets import default_lr, training_defaults
+
+    args = check_args(build_parser().parse_args(["--method", method, "--model", size, *flags]))
+    assert {k: getattr(args, k) for k in expected} == pytest.approx(expected)
+    if not flags:  # the same figures as the library's tables
+        assert args.lr == default_lr(method, size)
+        assert all(getattr(args, k) == v for k, v in training_defaults(method, size).items())
 
 
 def test_choices_come_from_the_library():

@@ -27,11 +27,13 @@ class TrainingStep:
 
 def build_training_step(size: str, method: str, *, batch_size: int, seq_len: int, state_bits: int = 32,
                         per_layer: bool = False, dtype: torch.dtype | None = None, compiled: bool = False,
-                        optimizer_kwargs: dict | None = None, lr: float = 1e-3, seed: int = 0) -> TrainingStep:
+                        optimizer_kwargs: dict | None = None, lr: float = 1e-3, seed: int = 0,
+                        lean_head: bool = False) -> TrainingStep:
     """A ``size`` LLaMA (``lsparam.presets.llama_config``) with ``method`` at its per-size defaults
     (``method_config``), AdamW in ``LeanOptimizer`` and one random batch, on CUDA when there is one.
 
-    ``dtype`` defaults to float32; ``compiled`` runs the forward under ``torch.compile``.
+    ``dtype`` defaults to float32; ``compiled`` runs the forward under ``torch.compile``; ``lean_head``
+    computes the loss with ``recipes.lean_head`` (no full logits).
     """
     from transformers import AutoModelForCausalLM
 
@@ -46,6 +48,10 @@ def build_training_step(size: str, method: str, *, batch_size: int, seq_len: int
     settings = method_config(method, size)
     if settings is not None:
         lsparam.parametrize(model, settings, progress=False)
+    if lean_head:
+        from recipes.lean_head import use_lean_head
+
+        use_lean_head(model)
     optimizer = lsparam.optim.LeanOptimizer(model, torch.optim.AdamW, lr=lr, per_layer=per_layer,
                                             state_bits=state_bits, **(optimizer_kwargs or {}))
     forward = torch.compile(model) if compiled else model

@@ -1,0 +1,120 @@
+"""A lean output head: the LM head's linear layer and the cross-entropy loss in chunks of tokens, so
+the full ``tokens × vocabulary`` logits never exist.
+
+In a plain causal-LM step the logits are the largest activation: ``tokens × 32000`` values, upcast to
+fp32 for the loss, with the softmax kept for backward and a gradient of the same size made from it. A
+loss is a scalar, so its gradients can be computed on the way forward: :func:`causal_lm_loss` takes
+one chunk of tokens at a time, computes its logits, its part of the loss, and the gradients of that part
+with respect to the hidden states and the head's weight (the softmax turned into the gradient in place),
+and keeps only those gradients: ``tokens × hidden`` and ``vocabulary × hidden`` instead of several
+``tokens × vocabulary``. Backward then only scales them. The loss and gradients are those of
+``transformers``' ``ForCausalLMLoss`` (mean over the predicted tokens, logits upcast to fp32).
+
+:func:`use_lean_head` switches a ``LlamaForCausalLM``-style model (``model.model`` the decoder,
+``model.lm_head`` the head) to it; the model's own ``forward`` is replaced on the instance, so DDP and
+FSDP2's hooks, which run around ``model(...)``, still see every call.
+
+>>> import torch
+>>> hidden, weight = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+>>> labels = torch.randint(0, 11, (2, 5))
+>>> plain = torch.nn.functional.cross_entropy((hidden[:, :-1] @ weight.T).reshape(-1, 11), labels[:, 1:].reshape(-1))
+>>> torch.allclose(causal_lm_loss(hidden, weight, labels, chunk_tokens=3), plain)
+True
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``hidden @ weight.T`` against ``labels`` shifted by one, in chunks.
+
+    Args:
+        hidden: ``(batch, seq, d)`` final hidden states.
+        weight: ``(vocab, d)`` the head's weight (no bias: LLaMA's head has none).
+        labels: ``(batch, seq)`` token ids; position ``t`` is predicted from ``hidden[:, t - 1]``;
+            ``-100`` marks positions left out of the loss.
+        chunk_tokens: tokens per chunk; the peak extra memory is ``chunk_tokens × vocab`` fp32 values.
+    """
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int; got chunk_tokens={chunk_tokens!r}")
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedCrossEntropy.apply(states, weight, targets, chunk_tokens)
+    loss, _, _ = _loss_and_grads(states, weight, targets, chunk_tokens, with_grads=False)
+    return loss
+
+
+def _loss_and_grads(states, weight, targets, chunk_tokens: int, with_grads: bool):
+    exact = torch.promote_types(weight.dtype, torch.float32)  # fp32 as the plain path's upcast, fp64 stays fp64
+    count = (targets != IGNORE_INDEX).sum()
+    denominator = count.clamp(min=1).to(exact)
+    total = torch.zeros((), dtype=exact, device=states.device)
+    grad_states = torch.empty_like(states) if with_grads else None
+    grad_weight = torch.zeros(weight.shape, dtype=exact, device=weight.device) if with_grads else None
+    for start in range(0, states.shape[0], chunk_tokens):
+        rows, target = states[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        logits = F.linear(rows, weight).to(exact)  # in the model's dtype, then upcast: as the plain path
+        kept = target != IGNORE_INDEX
+        safe = torch.where(kept, target, 0)
+        log_norm = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, safe[:, None]).squeeze(1)
+        total += ((log_norm - picked) * kept).sum()
+        if with_grads:  # d(mean CE)/d logits = (softmax - onehot) / count, built in the logits' memory
+            grad = logits.sub_(log_norm[:, None]).exp_()
+            grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1
+            grad.mul_((kept / denominator)[:, None])
+            grad_states[start:start + chunk_tokens] = grad.to(weight.dtype) @ weight
+            grad_weight.addmm_(grad.t(), rows.to(exact))
+    return total / denominator, grad_states, grad_weight
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and both gradients chunk by chunk; backward scales them by the incoming
+    gradient of the loss (a scalar)."""
+
+    @staticmethod
+    def forward(ctx, states, weight, targets, chunk_tokens: int):
+        loss, grad_states, grad_weight = _loss_and_grads(states, weight, targets, chunk_tokens, with_grads=True)
+        ctx.save_for_backward(grad_states, grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_states, grad_weight = ctx.saved_tensors
+        scale = grad_loss.to(grad_states.dtype)
+        return grad_states * scale, grad_weight * scale, None, None
+
+
+def use_lean_head(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.nn.Module:
+    """Make ``model(input_ids=..., labels=...)`` compute its loss with :func:`causal_lm_loss`.
+
+    ``model`` is a transformers causal LM with ``model.model`` (the decoder, returning
+    ``last_hidden_state``) and a bias-free ``model.lm_head``. The output has ``loss`` and no ``logits``
+    (calls without ``labels`` get the original forward, logits and all). Returns ``model``.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or not hasattr(model, "model"):
+        raise ValueError(f"use_lean_head needs a causal LM with .model and a bias-free nn.Linear .lm_head; got "
+                         f"{type(model).__name__} with lm_head={head!r}")
+    plain = model.forward
+
+    def forward(self, input_ids=None, labels=None, use_cache=False, **kwargs):
+        if labels is None:
+            return plain(input_ids=input_ids, use_cache=use_cache, **kwargs)
+        hidden = self.model(input_ids=input_ids, use_cache=use_cache, **kwargs).last_hidden_state
+        return CausalLMOutputWithPast(loss=causal_lm_loss(hidden, self.lm_head.weight, labels, chunk_tokens))
+
+    model.forward = types.MethodType(forward, model)
+    return model

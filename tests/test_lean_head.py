@@ -1,0 +1,75 @@
+"""recipes/lean_head.py: the chunked LM head and loss equal transformers' plain path, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from recipes.lean_head import causal_lm_loss, use_lean_head
+from tests.conftest import tiny_llama
+
+
+def plain_loss(hidden, weight, labels):
+    """The reference: the full logits, next-token cross-entropy, mean over the targets not ignored."""
+    logits = F.linear(hidden[:, :-1], weight)
+    return F.cross_entropy(logits.reshape(-1, weight.shape[0]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def test_the_reference_is_transformers_own_loss():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    hidden, weight = torch.randn(2, 7, 5), torch.randn(9, 5)
+    labels = torch.randint(0, 9, (2, 7))
+    labels[0, 3] = -100
+    torch.testing.assert_close(plain_loss(hidden, weight, labels),
+                               ForCausalLMLoss(F.linear(hidden, weight), labels, vocab_size=9))
+
+
+@given(batch=st.integers(1, 3), seq=st.integers(2, 9), d=st.integers(1, 6), vocab=st.integers(2, 13),
+       chunk=st.integers(1, 30), ignored=st.floats(0, 0.9), seed=st.integers(0, 2**16))
+def test_loss_and_gradients_equal_the_plain_path(batch, seq, d, vocab, chunk, ignored, seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, d, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, d, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
+    labels[torch.rand(batch, seq, generator=generator) < ignored] = -100
+
+    expected = plain_loss(hidden, weight, labels)
+    lean = causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk)
+    if torch.isnan(expected):  # every target ignored: the plain mean is 0/0
+        assert lean.item() == 0.0
+        return
+    torch.testing.assert_close(lean, expected, rtol=1e-12, atol=1e-12)
+    scale = torch.rand((), dtype=torch.float64, generator=generator) + 0.5  # backward scales by the incoming gradient
+    want = torch.autograd.grad(expected * scale, (hidden, weight))
+    got = torch.autograd.grad(lean * scale, (hidden, weight))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the evaluation path computes no gradient and the same loss
+        torch.testing.assert_close(causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk), expected)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_llama_with_the_lean_head_has_the_plain_loss_and_gradients(tied):
+    plain = tiny_llama(0, tie_word_embeddings=tied).double().train()
+    lean = use_lean_head(tiny_llama(0, tie_word_embeddings=tied).double().train(), chunk_tokens=5)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    # transformers' own loss upcasts to float32; the reference keeps float64 (its semantics: test above)
+    expected = F.cross_entropy(plain(input_ids=ids).logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+    got = lean(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    expected.backward()
+    got.backward()
+    for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert lean(input_ids=ids).logits.shape == (2, 12, 128)  # without labels: the plain forward
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="chunk_tokens must be a positive int; got chunk_tokens=0"):
+        causal_lm_loss(torch.zeros(1, 2, 3), torch.zeros(4, 3), torch.zeros(1, 2, dtype=torch.long), chunk_tokens=0)
+    with pytest.raises(ValueError, match="bias-free nn.Linear .lm_head"):
+        use_lean_head(torch.nn.Linear(2, 2))
