@@ -40,6 +40,7 @@ from lsparam.methods.cola import CoLAParametrization
 from lsparam.methods.lost import LOSTParametrization
 from lsparam.methods.lowrank import LowRankParametrization
 from lsparam.methods.sltrain import SLTrainParametrization, sltrain_nnz
+from lsparam.sparse.support import column_dtype
 
 __all__ = ["assert_decomposition", "configs", "linear_layers", "reference_forward", "reference_weight"]
 
@@ -243,8 +244,10 @@ def _check_counts_and_support(name: str, p: StructuredParametrization, factors) 
                 raise AssertionError(f"layer {name!r}: support indices are not unique and sorted")
             if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < out_f * in_f):
                 raise AssertionError(f"layer {name!r}: support index out of range")
-            if p.support.col_indices.dtype != torch.int32 or p.support.crow_indices.dtype != torch.int32:
-                raise AssertionError(f"layer {name!r}: support indices are not int32")
+            want = column_dtype(in_f)
+            if p.support.col_indices.dtype != want or p.support.crow_indices.dtype != torch.int32:
+                raise AssertionError(f"layer {name!r}: support columns are {p.support.col_indices.dtype} (want {want}), "
+                                     f"row pointers {p.support.crow_indices.dtype} (want torch.int32)")
             if p.config.init == "random":
                 regenerated = type(p)(p.config, out_f, in_f, p.layer_name).support
                 if not torch.equal(regenerated.col_indices, p.support.col_indices.cpu()) or not torch.equal(
@@ -276,7 +279,7 @@ def assert_decomposition(module: nn.Module, *, atol: float = 1e-8, rtol: float =
     3. ``merge`` gives back the layer's own class and reproduces the materialised weight and the forward
        exactly (methods with a dense form);
     4. parameter counts (``r(in+out) + nnz``, ``r(in+out) + m·out``) and support invariants (SLTrain:
-       ``floor(δ·out·in)`` unique sorted int32 indices regenerated from the seed; LOST: ``m`` sorted channels).
+       ``floor(δ·out·in)`` unique sorted indices regenerated from the seed (uint16 columns up to 65,536 wide); LOST: ``m`` sorted channels).
 
     Example:
         >>> import torch, lsparam
