@@ -11,6 +11,7 @@ and the Python heap blur.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import warnings
 from dataclasses import dataclass, field, fields
@@ -23,6 +24,8 @@ from lsparam.api import parametrize, structured_layers
 from lsparam.extras import require
 from lsparam.optim.lowbit import state_bytes
 from lsparam.presets import llama_config, method_config
+from lsparam.sparse import native
+from lsparam.sparse.matmul import resolve_backend
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # full-size states per parameter (sgd: momentum)
@@ -70,29 +73,46 @@ class MemoryBreakdown:
 
 
 # ---- counting ------------------------------------------------------------------------------------
-def _index_bytes(model: nn.Module, param_dtype: torch.dtype) -> int:
-    """Index bytes each parametrization reports for a CPU run in ``param_dtype`` (supports, channels)."""
-    return sum(p.index_bytes("cpu", param_dtype) for _, p in structured_layers(model).values())
+def _index_bytes(model: nn.Module, device: torch.device, param_dtype: torch.dtype) -> int:
+    """Index bytes each parametrization reports for a run on ``device`` in ``param_dtype`` (supports and the
+    caches its path builds, kept channels)."""
+    return sum(p.index_bytes(device, param_dtype) for _, p in structured_layers(model).values())
+
+
+def _owned_storages(model: nn.Module) -> set:
+    """Keys of the storages the model holds whatever the step does: parameters, buffers, and the index
+    tensors of its parametrizations, caches built on first use (the transposed support) included."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        if hasattr(module, "index_tensors"):
+            tensors += module.index_tensors()
+    return {_storage_key(t) for t in tensors}
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    # A view's own storage handle can differ from its base's under fake tensors: key by the base.
+    return (tensor._base if tensor._base is not None else tensor).untyped_storage()._cdata
 
 
 class _SavedTensorCounter:
-    """Bytes of distinct non-parameter storages autograd saves during a forward."""
+    """Bytes of the distinct storages autograd saves during a forward that the model does not hold anyway.
 
-    def __init__(self, model: nn.Module):
-        self.exclude = {p.untyped_storage()._cdata for p in model.parameters()}
-        self.exclude |= {b.untyped_storage()._cdata for b in model.buffers()}
+    A saved parameter, buffer or support index is resident whether or not backward needs it, and is
+    counted once, under its own heading: only the rest are activations. What the model holds is read
+    after the forward (:meth:`total`), so that caches the forward builds count as the model's too.
+    """
+
+    def __init__(self):
         self.storages = {}
 
     def pack(self, tensor):
-        # A view's own storage handle can differ from its base's under fake tensors: key by the base.
-        storage = (tensor._base if tensor._base is not None else tensor).untyped_storage()
-        if storage._cdata not in self.exclude:
-            self.storages[storage._cdata] = storage.nbytes()
+        base = tensor._base if tensor._base is not None else tensor
+        self.storages[_storage_key(tensor)] = base.untyped_storage().nbytes()
         return tensor
 
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
+    def total(self, model: nn.Module) -> int:
+        owned = _owned_storages(model)
+        return sum(nbytes for key, nbytes in self.storages.items() if key not in owned)
 
 
 def _build_shape_model(config, method, dtype: torch.dtype, layers: int | None = None):
@@ -108,24 +128,56 @@ def _build_shape_model(config, method, dtype: torch.dtype, layers: int | None = 
     return model
 
 
-def _traced_activations(config, method, dtype, batch_size: int, seq_len: int, layers: int) -> int:
+def _sparse_path(config, device: torch.device, dtype: torch.dtype) -> str:
+    """The SLTrain path whose saved tensors a run on ``device`` in ``dtype`` would have: ``"gather"``
+    saves ``x``, ``x Aᵀ`` and the factors; the CSR, scatter and 2:4 paths save what ``"scatter"`` does
+    (``x`` and the values for the sparse part, the low-rank GEMMs' inputs: ``x``, ``x Aᵀ`` and ``s·B``)."""
+    backend = config.sparse_backend
+    if backend == "auto":
+        backend = resolve_backend("auto", device, dtype, config.density)
+    return "gather" if backend == "gather" else "scatter"
+
+
+@contextlib.contextmanager
+def _paths_of_a_run(model: nn.Module, device: torch.device, dtype: torch.dtype):
+    """Within the block, the shape-only ``model``'s SLTrain layers take the path a run on ``device`` would
+    take (or one that saves the same tensors), where by themselves they take the scatter path on shapes.
+    The native kernels need data: the gather path runs through ``embedding_bag``, which saves the same."""
+    patched = []
+    for _, parametrization in structured_layers(model).values():
+        if hasattr(parametrization, "backend_for") and hasattr(parametrization, "support"):
+            path = _sparse_path(parametrization.config, device, dtype)
+            parametrization.backend_for = lambda x, path=path: path
+            patched.append(parametrization)
+    try:
+        with native.disabled():
+            yield
+    finally:
+        for parametrization in patched:
+            del parametrization.backend_for
+
+
+def _traced_activations(config, method, dtype, batch_size: int, seq_len: int, layers: int, device) -> int:
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = _build_shape_model(config, method, dtype, layers)
         ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
-        counter = _SavedTensorCounter(model)
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            model(input_ids=ids, labels=ids)
-    return counter.total
+        counter = _SavedTensorCounter()
+        with _paths_of_a_run(model, device, dtype), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            output = model(input_ids=ids, labels=ids)
+        total = counter.total(model)  # while the output keeps the graph, and so every saved tensor, alive
+        del output
+    return total
 
 
 _TRACES: dict = {}  # traces depend only on these arguments: the CLI asks for each one four times
 
 
-def _activations(config, method, dtype, batch_size, seq_len, checkpointing: bool) -> int:
+def _activations(config, method, dtype, batch_size, seq_len, checkpointing: bool, device) -> int:
     """Activation bytes from traces of 1- and 2-layer models, extrapolated to the config's depth."""
-    key = (config.to_json_string(), repr(method), dtype, batch_size, seq_len)
+    key = (config.to_json_string(), repr(method), dtype, batch_size, seq_len, device.type)
     if key not in _TRACES:
-        _TRACES[key] = tuple(_traced_activations(config, method, dtype, batch_size, seq_len, n) for n in (1, 2))
+        _TRACES[key] = tuple(
+            _traced_activations(config, method, dtype, batch_size, seq_len, n, device) for n in (1, 2))
     one, two = _TRACES[key]
     per_layer, outside = two - one, 2 * one - two
     layers = config.num_hidden_layers
@@ -147,6 +199,7 @@ def estimate(
     seq_len: int = 256,
     activation_checkpointing: bool = False,
     fused: bool = True,
+    device="cpu",
 ) -> MemoryBreakdown:
     """Predict the memory of one training step, by kind.
 
@@ -163,6 +216,8 @@ def estimate(
         activation_checkpointing: keep only each decoder layer's input for backward.
         fused: 32-bit states updated by torch's fused kernel (``LeanOptimizer``'s default), which makes
             no step temporaries; False for the unfused loop (``foreach=False``).
+        device: where the step runs, ``"cpu"`` or ``"cuda"``: it decides SLTrain's sparse path, so which
+            index caches exist and what the path saves for backward.
 
     Example:
         >>> from lsparam.memory import estimate
@@ -171,11 +226,12 @@ def estimate(
         >>> round(full.parameter_count / 1e6, 1), round(lean.parameter_count / 1e6, 1)
         (58.1, 43.5)
         >>> round(lean.total / full.total, 2)  # measured on CPU: the memory section of docs/benchmarks.md
-        0.63
+        0.6
     """
     dtype = _DTYPES.get(param_dtype, param_dtype)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"param_dtype must be one of {list(_DTYPES)} or a torch.dtype; got param_dtype={param_dtype!r}")
+        raise ValueError(  # noqa: TRY004 - a wrong name ('int8') as often as a wrong type
+            f"param_dtype must be one of {list(_DTYPES)} or a torch.dtype; got param_dtype={param_dtype!r}")
     if optimizer not in _OPTIMIZER_STATES:
         raise ValueError(f"optimizer must be one of {list(_OPTIMIZER_STATES)}; got optimizer={optimizer!r}")
     if state_bits not in (32, 8, 4):
@@ -183,6 +239,10 @@ def estimate(
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int; got {name}={value!r}")
+
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda'; got device={str(device)!r}")
 
     size = model_or_config if isinstance(model_or_config, str) else None
     if isinstance(model_or_config, str):
@@ -204,13 +264,13 @@ def estimate(
     breakdown.parameters = breakdown.parameter_count * itemsize
     per_state = _OPTIMIZER_STATES[optimizer]
     breakdown.optimizer_states = sum(state_bytes(p.numel(), state_bits, itemsize, per_state) for p in trainable)
-    breakdown.sparse_indices = _index_bytes(model, dtype)
+    breakdown.sparse_indices = _index_bytes(model, device, dtype)
     largest = max((p.numel() for p in trainable), default=0)
     breakdown.gradients = (largest if per_layer else sum(p.numel() for p in trainable)) * itemsize
 
     backward_transient = 0
     if config is not None:
-        breakdown.activations = _activations(config, method, dtype, batch_size, seq_len, activation_checkpointing)
+        breakdown.activations = _activations(config, method, dtype, batch_size, seq_len, activation_checkpointing, device)
         # backward starts from the gradient of the logits, as large as the logits themselves
         backward_transient = batch_size * seq_len * config.vocab_size * 4
     else:

@@ -1,5 +1,6 @@
 """The memory ledger: counts against real models, bytes against the formulas, the CLI."""
 
+import contextlib
 import math
 
 import pytest
@@ -9,10 +10,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lsparam
 from lsparam.cli import main
 from lsparam.memory import _storage_bytes, estimate, measure
-from lsparam.presets import method_config
+from lsparam.presets import METHODS, method_config
+from lsparam.sparse import native
+from lsparam.sparse.support import SparseSupport
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64, "tie_word_embeddings": False}
 CONFIGS = {
     "full": None,
     "lowrank": lsparam.LowRankConfig(rank=16),
@@ -74,22 +77,53 @@ def test_per_layer_keeps_only_the_largest_gradient():
     assert per_layer.gradients == 4 * max(p.numel() for p in model.parameters())
 
 
-def test_activations_match_a_trace_of_the_real_model():
-    config = LlamaConfig(**TINY)
-    model = real_model(CONFIGS["lost"])
-    ids = torch.zeros(2, 32, dtype=torch.long)
-    storages = {}
-    exclude = {p.untyped_storage()._cdata for p in model.parameters()} | {b.untyped_storage()._cdata for b in model.buffers()}
+TRACED = {
+    **{name: CONFIGS[name] for name in ("full", "lowrank", "sltrain", "lost", "lost-silu")},
+    "sltrain-scatter": lsparam.SLTrainConfig(rank=16, density=0.05, sparse_backend="scatter"),
+}
+
+
+@pytest.mark.parametrize(
+    "name, native_kernels",
+    [*((name, True) for name in TRACED), ("sltrain", False)],  # False: SLTrain's embedding_bag route
+    ids=[*TRACED, "sltrain-embedding_bag"],
+)
+def test_activations_are_the_bytes_a_real_step_saves_beyond_what_the_model_holds(name, native_kernels):
+    """A real fp32 step on CPU, counted here: the distinct storages autograd saves, less the parameters,
+    buffers and sparse supports (resident anyway, counted under their own headings)."""
+    model = real_model(TRACED[name])
+    ids = torch.randint(0, TINY["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    saved = {}  # data_ptr -> (bytes, the storage itself: held, so no later tensor reuses its address)
 
     def pack(t):
-        if t.untyped_storage()._cdata not in exclude:
-            storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = (storage.nbytes(), storage)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
-    predicted = estimate(config, CONFIGS["lost"], param_dtype="fp32", batch_size=2, seq_len=32)
-    assert predicted.activations == sum(storages.values())
+    with contextlib.ExitStack() as stack:
+        if not native_kernels:
+            stack.enter_context(native.disabled())
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()  # the saved tensors are those a step's backward reads
+        resident = [*model.parameters(), *model.buffers()]
+        for module in model.modules():
+            if isinstance(module, SparseSupport):
+                resident += module.index_tensors()  # the CSR arrays and the transposed copy, once built
+    resident_ptrs = {t.untyped_storage().data_ptr() for t in resident}
+    activations = sum(nbytes for ptr, (nbytes, _) in saved.items() if ptr not in resident_ptrs)
+    assert len(saved) > len(saved.keys() & resident_ptrs) > 0  # the step saves both kinds
+
+    predicted = estimate(LlamaConfig(**TINY), TRACED[name], param_dtype="fp32", batch_size=2, seq_len=32)
+    assert predicted.activations == pytest.approx(activations, rel=1e-3)
+
+
+def test_on_cuda_sltrain_is_traced_on_the_path_a_cuda_step_takes():
+    """CUDA takes the CSR path, whose low-rank part saves what the scatter path's does (s·B among them)."""
+    auto, scatter = CONFIGS["sltrain"], TRACED["sltrain-scatter"]
+    on_cuda = estimate(LlamaConfig(**TINY), auto, param_dtype="fp32", device="cuda")
+    assert on_cuda.activations == estimate(LlamaConfig(**TINY), scatter, param_dtype="fp32").activations
+    assert on_cuda.activations > estimate(LlamaConfig(**TINY), auto, param_dtype="fp32").activations
 
 
 def test_checkpointing_reduces_activations():
@@ -141,6 +175,7 @@ def test_prediction_is_close_to_a_measured_step():
         ({"param_dtype": "int8"}, "param_dtype must be one of"),
         ({"batch_size": 0}, "batch_size must be a positive int; got batch_size=0"),
         ({"optimizer": "lion"}, "optimizer must be one of"),
+        ({"device": "mps"}, "device must be 'cpu' or 'cuda'; got device='mps'"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -159,7 +194,7 @@ def test_cli_prints_every_method_and_marks_the_chosen_row(capsys):
     assert main(["memory", "--model", "llama_60m", "--method", "sltrain", "--state-bits", "8", "--per-layer"]) == 0
     lines = capsys.readouterr().out.strip().split("\n")
     rows = lines[2:]
-    assert len(rows) == 5 * 2 * 2
+    assert len(rows) == len(METHODS) * 2 * 2
     marked = [r for r in rows if r.endswith("<")]
     assert len(marked) == 1 and marked[0].split()[:3] == ["sltrain", "8", "yes"]
     full_paper = float(rows[0].split()[-2])
@@ -174,19 +209,24 @@ def test_cli_help_explains_every_column(capsys):
         assert column in text
 
 
-def test_each_parametrization_reports_the_index_bytes_it_really_holds():
-    """Counted from the tensors themselves after a forward and backward (the gather path builds its
-    transposed support there), not from the formula the method uses."""
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["native", "embedding_bag"])
+def test_each_parametrization_reports_the_index_bytes_it_really_holds(native_kernels):
+    """Counted from the tensors themselves after a forward and backward (the embedding_bag route builds its
+    transposed support there, and keeps it), not from the formula the method uses."""
     torch.manual_seed(0)
     for config in (lsparam.SLTrainConfig(rank=4, density=0.05, sparse_backend="gather"),
                    lsparam.LOSTConfig(rank=4, channel_ratio=0.1), lsparam.LowRankConfig(rank=4)):
         layer = lsparam.parametrize(torch.nn.Linear(64, 48), config, target_modules=None)
-        layer(torch.randn(3, 64)).sum().backward()
-        p = layer.parametrizations.weight[0]
-        held = sum(b.numel() * b.element_size() for name, b in p.named_buffers() if name != "lsparam_spec")
-        if hasattr(p, "support"):
-            held += sum(t.numel() * t.element_size() for t in p.support.transposed())
-        assert p.index_bytes("cpu", torch.float32) == held, type(config).__name__
+        with contextlib.ExitStack() as stack:
+            if not native_kernels:
+                stack.enter_context(native.disabled())
+            layer(torch.randn(3, 64, requires_grad=True)).sum().backward()  # dX too, as inside a model
+            p = layer.parametrizations.weight[0]
+            held = [b for name, b in p.named_buffers() if name != "lsparam_spec"]
+            if hasattr(p, "support"):
+                held += p.support.index_tensors()
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+            assert p.index_bytes("cpu", torch.float32) == sum(storages.values()), type(config).__name__
 
 
 def test_every_built_in_factor_has_a_role():

@@ -38,7 +38,7 @@ def one_run(size: str, method: str, bits: int, per_layer: bool, batch_size: int,
     measured = measure(built.step, device=built.device)
     seconds = time.perf_counter() - start
     predicted = estimate(built.model, state_bits=bits, per_layer=per_layer, param_dtype="fp32",
-                         batch_size=batch_size, seq_len=seq_len)
+                         batch_size=batch_size, seq_len=seq_len, device=built.device.type)
     return {"size": size, "method": method, "bits": bits, "per_layer": per_layer, "measured": measured.peak,
             "predicted": predicted.total, "paper": predicted.paper, "params": predicted.parameter_count,
             "step_seconds": seconds, "device": built.device.type}
@@ -72,10 +72,10 @@ def main() -> None:
 
     mib = 2**20
     lines = [
-        f"Peak memory of one training step (forward, backward, AdamW update), fp32, batch {args.batch_size} x "
+        (f"Peak memory of one training step (forward, backward, AdamW update), fp32, batch {args.batch_size} x "
         f"{args.seq_len} tokens, measured with `lsparam.memory.measure` (CPU: the allocator's allocation and free "
         f"events; CUDA: `max_memory_allocated`), against `lsparam.memory.estimate`. Ratios are to full-rank AdamW "
-        f"(32-bit states) of the same size.",
+        f"(32-bit states) of the same size."),
         "",
         "| size | method | states | per-layer | params (M) | measured (MiB) | vs full-rank | predicted (MiB) | predicted / measured |",
         "|---|---|---|---|---|---|---|---|---|",
