@@ -80,6 +80,8 @@ def test_per_layer_keeps_only_the_largest_gradient():
 TRACED = {
     **{name: CONFIGS[name] for name in ("full", "lowrank", "sltrain", "lost", "lost-silu")},
     "sltrain-scatter": lsparam.SLTrainConfig(rank=16, density=0.05, sparse_backend="scatter"),
+    "cola": lsparam.CoLAConfig(rank=16),
+    "cola-checkpointed": lsparam.CoLAConfig(rank=16, checkpoint=True),
 }
 
 
