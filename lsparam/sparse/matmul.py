@@ -217,6 +217,8 @@ def is_shape_only(tensor: torch.Tensor) -> bool:
     """True for meta and fake tensors, which carry shapes but no data (used by memory estimates)."""
     from torch._subclasses.fake_tensor import is_fake
 
+    if torch.compiler.is_compiling():  # every tensor is fake while compiling; the compiled code runs on real ones
+        return tensor.is_meta
     return tensor.is_meta or is_fake(tensor)
 
 

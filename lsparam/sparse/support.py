@@ -157,7 +157,9 @@ class SparseSupport(nn.Module):
         # the support is row-major, so a stable sort by column leaves each column's rows in order
         perm = torch.argsort(cols, stable=True)
         crow_t = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=cols.device)
-        crow_t[1:] = torch.bincount(cols, minlength=self.shape[1]).cumsum(0)
+        # counted by index_add_, not bincount, whose output size torch.compile cannot know (a graph break)
+        counts = torch.zeros(self.shape[1], dtype=torch.int64, device=cols.device)
+        crow_t[1:] = counts.index_add_(0, cols, torch.ones_like(cols, dtype=torch.int64)).cumsum(0)
         return crow_t.to(torch.int32), self.row_indices()[perm].to(torch.int32), perm.to(torch.int32)
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
