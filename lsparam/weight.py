@@ -1,13 +1,16 @@
 """A weight that knows how to multiply itself.
 
 ``module.weight`` of a parametrized layer is a :class:`StructuredWeight`: a tensor of the layer's shape
-and dtype that holds no dense storage, only references to its factors. ``F.linear`` on it runs the
+and dtype that holds no dense matrix, only references to its factors. ``F.linear`` on it runs the
 method's factorised forward (no dense ``out×in`` matrix is built, none is saved for backward); so do
 ``torch.addmm(bias, x, weight)`` and ``x @ weight`` on the ``in×out`` weight of transformers' ``Conv1D``.
 Any other use (user code reading ``.weight``, ``merge``, printing) materialises the dense matrix on demand
 through the method's differentiable formula, or raises :class:`NoDenseFormError` for methods that have none.
 
-This is the torchao pattern for quantised weights, applied to structured ones.
+It is a ``__torch_function__``-only subclass (no ``__torch_dispatch__``), made with ``as_subclass``: that is
+what ``torch.compile`` can build inside a compiled region and see through, so a parametrized model compiles
+with no graph break at its weights. (A wrapper subclass, torchao's kind, is made by
+``_make_wrapper_subclass``, which Dynamo cannot trace: it broke the graph at every layer.)
 """
 
 from __future__ import annotations
@@ -25,24 +28,40 @@ class NoDenseFormError(ValueError):
     """
 
 
-# Metadata reads answered by the wrapper itself, without materialising the dense matrix.
+# Reads answered from the weight's own metadata (shape, dtype, device, ...), without materialising the
+# dense matrix. Dynamo reads several of these (is_nested, is_quantized, ...) from a weight it is handed.
 _METADATA_FUNCS = {
     torch.Tensor.size,
     torch.Tensor.dim,
+    torch.Tensor.ndimension,
     torch.Tensor.numel,
+    torch.Tensor.nelement,
+    # the placeholder's layout, zero strides: what Dynamo's guards read, so it must be the tensor's own
     torch.Tensor.stride,
+    torch.Tensor.is_contiguous,
     torch.Tensor.is_floating_point,
     torch.Tensor.is_complex,
     torch.Tensor.element_size,
+    torch.Tensor.get_device,
+    torch.Tensor.is_inference,
     torch.Tensor.__len__,
+    torch.Tensor.__hash__,  # identity, as for any tensor (materialising would hash a temporary)
     torch.Tensor.shape.__get__,
     torch.Tensor.ndim.__get__,
     torch.Tensor.dtype.__get__,
     torch.Tensor.device.__get__,
     torch.Tensor.layout.__get__,
+    torch.Tensor.itemsize.__get__,
+    torch.Tensor.nbytes.__get__,
     torch.Tensor.requires_grad.__get__,
     torch.Tensor.is_cuda.__get__,
+    torch.Tensor.is_cpu.__get__,
+    torch.Tensor.is_meta.__get__,
     torch.Tensor.is_sparse.__get__,
+    torch.Tensor.is_sparse_csr.__get__,
+    torch.Tensor.is_quantized.__get__,
+    torch.Tensor.is_nested.__get__,
+    torch.Tensor.is_mkldnn.__get__,
     torch.Tensor.is_leaf.__get__,
     torch.Tensor.grad.__get__,
     torch.Tensor.grad_fn.__get__,
@@ -74,20 +93,18 @@ class StructuredWeight(torch.Tensor):
     def __new__(cls, parametrization, factors):
         reference = factors[0]
         shape = (parametrization.out_features, parametrization.in_features)
-        return torch.Tensor._make_wrapper_subclass(
-            cls,
-            shape[::-1] if parametrization.transposed else shape,
-            dtype=reference.dtype,
-            device=reference.device,
-            # The wrapper itself is never part of the autograd graph: gradients flow to the factors
-            # through linear() or dense(). Saying requires_grad=False keeps autograd helpers (module
-            # trackers, FlopCounterMode, memory profilers) from hooking it, which would materialise W.
-            requires_grad=False,
-        )
-
-    def __init__(self, parametrization, factors):
-        self.parametrization = parametrization
-        self.factors = tuple(factors)
+        # One NaN element broadcast to the layer's shape: a tensor of the right shape, dtype and device at
+        # no memory cost. Every op on the weight goes through __torch_function__; one that bypassed it
+        # (torch-function handling disabled) would read NaN, not a plausible matrix. The placeholder does
+        # not require grad: gradients flow to the factors through linear() or dense(), and autograd
+        # helpers (module trackers, FlopCounterMode, memory profilers) do not hook it, which would
+        # materialise W.
+        placeholder = reference.new_full((), float("nan")).expand(shape[::-1] if parametrization.transposed else shape)
+        weight = placeholder.as_subclass(cls)
+        # Set here, not in __init__: Dynamo traces a subclass's __init__ without its arguments.
+        weight.parametrization = parametrization
+        weight.factors = tuple(factors)
+        return weight
 
     def dense(self) -> torch.Tensor:
         """The dense matrix in the module's layout (``out×in``; ``in×out`` for ``Conv1D``), differentiable
@@ -122,15 +139,6 @@ class StructuredWeight(torch.Tensor):
         # Every other op sees the dense matrix, built through the differentiable formula.
         args, kwargs = tree_map_only(StructuredWeight, StructuredWeight.dense, (args, kwargs))
         return func(*args, **kwargs)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        # Reached only below autograd (torch-function handling disabled): gradients could not reach
-        # the factors from here, so refuse rather than compute something silently wrong.
-        raise RuntimeError(
-            f"lsparam: operator {func} reached a StructuredWeight below autograd; "
-            f"call weight.dense() first, or use lsparam.merge(model) for a plain dense model"
-        )
 
 
 def _transposed_product(func, args, kwargs):
