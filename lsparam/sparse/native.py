@@ -2,9 +2,10 @@
 
 The kernel source is built once per source version and CPU with the system's C++ compiler (``$CXX``, else
 ``c++``) into ``$LSPARAM_CACHE`` (default ``~/.cache/lsparam``) and loaded with ctypes: a plain C ABI
-builds in under a second, where a PyTorch C++ extension would compile its headers for a minute. The two
-products are registered as PyTorch custom ops, so ``torch.compile`` traces through them; eager calls go
-straight to the library.
+builds in under a second, where a PyTorch C++ extension would compile its headers for a minute. The three
+products (forward, ``dX``, ``dV``) are registered as PyTorch custom ops, so ``torch.compile`` traces through
+them; eager calls go straight to the library. They read the support as :class:`~lsparam.sparse.SparseSupport`
+holds it: int32 row pointers, uint16 columns (int32 past 65,536 wide).
 
 Without a compiler (a warning says so once), with ``LSPARAM_NATIVE=0`` or within :func:`disabled`,
 :func:`available` is False and the callers in :mod:`lsparam.sparse.matmul` use PyTorch's
@@ -14,7 +15,7 @@ Example:
     >>> import torch
     >>> from lsparam.sparse import native
     >>> x = torch.tensor([[1., 2., 3.]])
-    >>> crow, col = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([1, 0, 2], dtype=torch.int32)
+    >>> crow, col = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([1, 0, 2], dtype=torch.uint16)
     >>> out = torch.zeros(1, 2)
     >>> if native.available(x):  # S = [[0, 10, 0], [1, 0, 1]]
     ...     native.spmm_add_(x, crow, col, torch.tensor([10., 1., 1.]), out)
@@ -150,17 +151,16 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _check_support(crow: torch.Tensor, col: torch.Tensor) -> str:
-    """The kernels' suffix for the column type, after checking the arrays' types and layout."""
+def _check_support(crow: torch.Tensor, col: torch.Tensor) -> None:
     if crow.dtype != torch.int32 or col.dtype not in INDEX_TYPES or not (crow.is_contiguous() and col.is_contiguous()):
         raise ValueError(
             f"the support must be contiguous arrays, int32 row pointers and uint16 or int32 columns; got crow "
             f"{crow.dtype}, col {col.dtype}"
         )
-    return INDEX_TYPES[col.dtype]
 
 
 def _kernel(product: str, dtype: torch.dtype, col: torch.Tensor):
+    """The library's function for this product, value dtype and column type."""
     return getattr(library(), f"lsparam_{product}_{DTYPES[dtype]}_{INDEX_TYPES[col.dtype]}")
 
 

@@ -3,17 +3,17 @@
 The three products of a sparse layer ``y = x Sᵀ`` (δ = 0.03, uniform random support, fp32 on CPU):
 the forward, ``dX = dY S`` and ``dV`` (one dot product per entry), through ``lsparam.sparse.matmul`` as the
 SLTrain layer calls them: lsparam's native kernels, and the ``embedding_bag`` route they replace (timed
-under ``native.disabled()``). Each figure is the median of ``--repeats`` rounds after warm-up, every
-product timed in turn within a round, as a ratio to ``x @ Wᵀ`` (one dense GEMM, tokens × out × in) in
-the same rounds. A dense layer's forward + backward is three such GEMMs; the FLOP floor of each sparse
-product is δ = 0.03 of one.
+under ``native.disabled()``). ``dX`` includes making the transpose of the support it runs on, as each
+call does (the support holds 2 bytes per entry and no transposed copy). Each figure is the median of
+``--repeats`` rounds after warm-up, every product timed in turn within a round, as a ratio to ``x @ Wᵀ``
+(one dense GEMM, tokens × out × in) in the same rounds. A dense layer's forward + backward is three such
+GEMMs; the FLOP floor of each sparse product is δ = 0.03 of one.
 
     python -m recipes.bench.kernels                                  # writes its table into docs/benchmarks.md
     python -m recipes.bench.kernels --shapes 512x512 --tokens 1024 --no-write
 """
 
 from __future__ import annotations
-
 
 import argparse
 
@@ -79,11 +79,12 @@ def main() -> None:
             print(f"{shape:>10} {product:<8} native {ratios[0]:.3f}  embedding_bag {ratios[1]:.3f}  x one GEMM", flush=True)
 
     lines = [
-        f"Each sparse product of a layer `y = x Sᵀ` alone ({args.tokens} tokens, float32, δ = {DENSITY}, uniform random "
+        (f"Each sparse product of a layer `y = x Sᵀ` alone ({args.tokens} tokens, float32, δ = {DENSITY}, uniform random "
         f"support), as a ratio to one dense GEMM `x Wᵀ` timed in the same rounds (a dense layer's forward + backward "
-        f"is three of them; the FLOP floor of each product is {DENSITY}). Median of {args.repeats} rounds after warm-up. "
+        f"is three of them; the FLOP floor of each product is {DENSITY}; *dX* includes transposing the support, which "
+        f"each call does). Median of {args.repeats} rounds after warm-up. "
         f"*native*: lsparam's kernels (`lsparam/sparse/native.cpp`); *embedding_bag*: the same calls under "
-        f"`native.disabled()`.",
+        f"`native.disabled()`."),
         "",
         "| shape (out×in) | product | native | embedding_bag |",
         "|---|---|---|---|",
