@@ -67,7 +67,7 @@ def bag_sum(table: torch.Tensor, crow, col, weights, bags: int, out: torch.Tenso
 def input_grad(grad: torch.Tensor, values: torch.Tensor, support: SparseSupport, out: torch.Tensor | None = None):
     """``dX = grad S`` (T × in), added into ``out`` if given. Either route sums over the transposed support,
     made for the call and dropped after it (the native kernel's counting sort, or a stable argsort here:
-    about 1% of a layer's forward and backward), so that the support holds 2 bytes per entry."""
+    under 1% of a layer's forward and backward), so that the support holds 2 bytes per entry."""
     if native.available(*((grad, values) if out is None else (grad, values, out))):
         y = grad.new_zeros(grad.shape[0], support.shape[1]) if out is None else out
         native.spmm_t_add_(grad, support.crow_indices, support.col_indices, values, y)
