@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import lsparam
-from lsparam.sparse import native
+from lsparam.sparse import csr_ops, native
+from lsparam.sparse.support import SparseSupport, uniform_flat_indices
 from tests.conftest import tiny_llama
 
 RANK = 8
@@ -25,6 +26,7 @@ CONFIGS = {
     "sltrain-gather": lsparam.SLTrainConfig(rank=RANK, density=0.05, sparse_backend="gather"),
     "sltrain-embedding-bag": lsparam.SLTrainConfig(rank=RANK, density=0.05, sparse_backend="gather"),
     "sltrain-scatter": lsparam.SLTrainConfig(rank=RANK, density=0.05, sparse_backend="scatter"),
+    "sltrain-csr": lsparam.SLTrainConfig(rank=RANK, density=0.05, sparse_backend="csr"),
     "lost": lsparam.LOSTConfig(rank=RANK, channel_ratio=0.1),
     "lost-silu": lsparam.LOSTConfig(rank=RANK, channel_ratio=0.1, activation="silu"),
     "cola": lsparam.CoLAConfig(rank=RANK),
@@ -160,3 +162,15 @@ def test_an_op_that_bypasses_torch_function_reads_nan_not_a_matrix():
         assert weight.untyped_storage().nbytes() == weight.element_size()
         assert torch.isnan(weight + 0).all()
     assert torch.isfinite(weight + 0).all()  # through __torch_function__: the dense matrix B A
+
+
+def test_the_csr_custom_ops_declare_what_compile_relies_on():
+    """Schemas and shape-only implementations (strides included) agree with the real products."""
+    support = SparseSupport(uniform_flat_indices(40 * 30, 90, 0), (40, 30), persistent=False)
+    x, grad, values = torch.randn(20, 30), torch.randn(20, 40), torch.randn(90)
+    crow, col = support.crow_indices, support.col_indices
+    torch.library.opcheck(csr_ops.csr_mm, (crow, col, values, x, 40))
+    torch.library.opcheck(csr_ops.csr_entry_dots, (crow, col, values, grad, x))
+    dense = support.to_dense(values)
+    torch.testing.assert_close(csr_ops.csr_mm(crow, col, values, x, 40), x @ dense.t())
+    torch.testing.assert_close(csr_ops.csr_entry_dots(crow, col, values, grad, x), (grad.t() @ x)[dense != 0])

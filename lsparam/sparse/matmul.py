@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lsparam.sparse import native
+from lsparam.sparse import csr_ops, native
 from lsparam.sparse.support import SparseSupport
 
 # Above this density a dense GEMM on a scattered S beats the sparse paths (see docs/benchmarks.md).
@@ -117,7 +117,7 @@ class _CSRMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, support: SparseSupport):
         x2 = _flatten(x)
-        y = (support.csr(values) @ x2.t()).t()
+        y = csr_ops.spmm(support, values, x2)  # custom ops while compiling: see csr_ops
         ctx.support = support
         ctx.save_for_backward(x, values)
         return y.reshape(*x.shape[:-1], support.shape[0])
@@ -129,10 +129,9 @@ class _CSRMatmul(torch.autograd.Function):
         g2 = _flatten(grad_out)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = (support.csr_transposed(values) @ g2.t()).t().reshape(x.shape)
+            grad_x = csr_ops.input_grad(support, values, g2).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            pattern = support.csr(values.detach())
-            grad_values = torch.sparse.sampled_addmm(pattern, g2.t(), _flatten(x), beta=0.0).values()
+            grad_values = csr_ops.entry_dots(support, values, g2, _flatten(x))
         return grad_x, grad_values, None
 
 
