@@ -13,9 +13,11 @@ then cosine to ``--min-lr-ratio`` of the peak. Everything a run writes goes to `
 ``metrics.jsonl``, ``summary.json``, ``loss.png`` and ``checkpoints/step_*``. docs/recipes.md has every
 flag, the paper-reproduction commands, and how resume, export and torchrun work.
 
-The recipe is four modules: ``recipes/flags.py`` (the flags and every cross-check), ``recipes/checkpoint.py``
-(atomic save, resume, reload, export), ``recipes/summary.py`` (``summary.json`` and the loss plot) and this
-one (setup, training, evaluation, ``main``).
+The recipe's modules: ``recipes/flags.py`` (the flags and every cross-check), ``recipes/checkpoint.py``
+(atomic save, resume), ``recipes/export.py`` (a checkpoint as a model, dense export), ``recipes/metrics.py``
+(``metrics.jsonl``), ``recipes/summary.py`` (``summary.json`` and the loss plot), ``recipes/health.py``
+(warnings of a run that does not learn), ``recipes/lean_head.py`` (the chunked LM head and loss),
+``recipes/distributed.py`` (the process group) and this one (setup, training, evaluation, ``main``).
 
 Choices (docs/recipes.md says why): ``--precision bf16`` means bf16 weights and AdamW states, not autocast;
 a checkpoint is a directory written under a temporary name and ``os.replace``d into place (weights in
@@ -43,7 +45,6 @@ if __name__ == "__main__" and not __package__:
     sys.exit(0)
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -62,9 +63,10 @@ import torch.distributed as dist
 from torch import nn
 
 from lsparam.presets import size_of
-from recipes import checkpoint, distributed
+from recipes import checkpoint, distributed, metrics
 from recipes.summary import peak_memory_mib, summarize
-from recipes.checkpoint import WriteFailed, export_checkpoint
+from recipes.checkpoint import WriteFailed
+from recipes.export import export_checkpoint
 from recipes.health import HealthWatch
 from recipes.lean_head import use_lean_head
 from recipes.flags import DEFAULT_STEPS, RecipeError, build_parser, check_args, exporting_a_checkpoint, method_settings
@@ -280,12 +282,7 @@ def evaluate(run: Run) -> float:
 
 def log(run: Run, record: dict) -> None:
     if run.rank == 0:
-        metrics = Path(run.args.out) / "metrics.jsonl"
-        try:
-            with open(metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as error:  # a full disk: the file names itself (a failed write's error does not)
-            raise WriteFailed(checkpoint.write_failure(error, metrics)) from None
+        metrics.append(Path(run.args.out), record)
 
 
 def log_eval(run: Run) -> float:
@@ -295,34 +292,13 @@ def log_eval(run: Run) -> float:
     return loss
 
 
-def _restart_metrics(run: Run) -> list[dict]:
-    """Rewrite metrics.jsonl with the records up to the resumed step (a killed run may have logged past its
-    checkpoint; a torn last line is dropped), atomically: a temporary file ``os.replace``d over it. Returns
-    the records kept (rank 0; empty elsewhere)."""
-    from recipes.plot import parse_metrics
-
-    metrics, start = Path(run.args.out) / "metrics.jsonl", run.step
-    kept = []
-    if run.rank == 0 and start > 0 and metrics.exists():
-        kept = [r for r in parse_metrics(metrics.read_text(), source=str(metrics)) if r["step"] <= start]
-    if run.rank == 0:
-        partial = metrics.with_name(".metrics.jsonl.tmp")
-        partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(partial, metrics)
-    return kept
-
-
-def _logged_eval(records: list[dict], step: int) -> float | None:
-    return next((r["val_loss"] for r in records if r["type"] == "eval" and r["step"] == step), None)
-
-
 def train(run: Run) -> dict:
     from tqdm import tqdm
 
     args, model, optimizer, scheduler, total = run.args, run.model, run.optimizer, run.scheduler, run.total_steps
     start = run.step
-    kept = _restart_metrics(run)
-    first_loss = log_eval(run) if start == 0 else _logged_eval(kept, 0)
+    kept = metrics.restart(Path(args.out), start) if run.rank == 0 else []
+    first_loss = log_eval(run) if start == 0 else metrics.logged_eval(kept, 0)
     batches = iter(run.data.train)
     name = Path(args.model).stem
     if run.rank == 0:
@@ -379,7 +355,7 @@ def train(run: Run) -> dict:
         if args.kill_after_step == run.step:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    if run.step == start and _logged_eval(kept, start) is not None:  # a finished run resumed: logged already
+    if run.step == start and metrics.logged_eval(kept, start) is not None:  # a finished run resumed: logged already
         final_loss = evaluate(run)
     else:
         final_loss = log_eval(run)

@@ -17,7 +17,7 @@ import torch
 
 from lsparam.presets import size_of
 from recipes import plot, pretrain
-from recipes.checkpoint import model_from_checkpoint
+from recipes.export import model_from_checkpoint
 from recipes.flags import build_parser, check_args, method_settings, parse_size
 from recipes.summary import parameters_by_kind
 from tests.recipe_runs import ROOT, SEQ, TINY, aligned_args, common, read_metrics, run_script

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes import checkpoint, pretrain
+from recipes import checkpoint, metrics, pretrain
+from recipes.export import export_checkpoint
 from recipes.health import HealthWatch
 from tests.recipe_runs import SCRIPT, common, read_metrics, run_script
 
@@ -245,7 +246,7 @@ def test_a_checkpoint_on_a_full_disk_stops_the_run_and_keeps_the_last_one(corpus
 
 
 def test_metrics_on_a_full_disk_is_an_error_line(corpus, tmp_path, capsys, monkeypatch, restore_torch_globals):
-    monkeypatch.setattr(pretrain, "open", _failing_open(3, "metrics.jsonl"), raising=False)
+    monkeypatch.setattr(metrics, "open", _failing_open(3, "metrics.jsonl"), raising=False)
     with pytest.raises(SystemExit) as exit_info:
         pretrain.main(common(corpus, tmp_path / "out", "--method", "lost", "--steps", "4"))
     assert exit_info.value.code == 1
@@ -309,11 +310,11 @@ def test_a_failed_export_leaves_the_previous_one_and_a_good_one_replaces_it(corp
     with monkeypatch.context() as patch:
         patch.setattr(PreTrainedModel, "save_pretrained", full_disk)
         with pytest.raises(checkpoint.WriteFailed, match="No space left on device"):
-            checkpoint.export_checkpoint(first, str(target))
+            export_checkpoint(first, str(target))
     assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run"]  # no staging folder left
 
-    checkpoint.export_checkpoint(first, str(target))  # a good export replaces the previous one
+    export_checkpoint(first, str(target))  # a good export replaces the previous one
     assert (target / "model.safetensors").read_bytes() != before["model.safetensors"]
     assert AutoModelForCausalLM.from_pretrained(str(target)).config.num_hidden_layers == 2
 
