@@ -91,16 +91,7 @@ class StructuredWeight(torch.Tensor):
 
     @staticmethod
     def __new__(cls, parametrization, factors):
-        reference = factors[0]
-        shape = (parametrization.out_features, parametrization.in_features)
-        # One NaN element broadcast to the layer's shape: a tensor of the right shape, dtype and device at
-        # no memory cost. Every op on the weight goes through __torch_function__; one that bypassed it
-        # (torch-function handling disabled) would read NaN, not a plausible matrix. The placeholder does
-        # not require grad: gradients flow to the factors through linear() or dense(), and autograd
-        # helpers (module trackers, FlopCounterMode, memory profilers) do not hook it, which would
-        # materialise W.
-        placeholder = reference.new_full((), float("nan")).expand(shape[::-1] if parametrization.transposed else shape)
-        weight = placeholder.as_subclass(cls)
+        weight = _placeholder(parametrization, factors[0]).as_subclass(cls)
         # Set here, not in __init__: Dynamo traces a subclass's __init__ without its arguments.
         weight.parametrization = parametrization
         weight.factors = tuple(factors)
@@ -139,6 +130,28 @@ class StructuredWeight(torch.Tensor):
         # Every other op sees the dense matrix, built through the differentiable formula.
         args, kwargs = tree_map_only(StructuredWeight, StructuredWeight.dense, (args, kwargs))
         return func(*args, **kwargs)
+
+
+def _placeholder(parametrization, reference: torch.Tensor) -> torch.Tensor:
+    """What a weight of ``parametrization`` wraps: one NaN element broadcast to the layer's shape.
+
+    A tensor of the right shape, dtype and device at no memory cost. Every op on the weight goes through
+    ``__torch_function__``; one that bypassed it (torch-function handling disabled) would read NaN, not a
+    plausible matrix. It does not require grad: gradients flow to the factors through ``linear()`` or
+    ``dense()``, and autograd helpers (module trackers, FlopCounterMode, memory profilers) leave it alone
+    rather than materialise W. Kept on the parametrization between forwards, as making it costs twice
+    what the rest of building the weight does; made afresh while compiling, where it costs nothing at run
+    time and a kept one would be a module attribute for Dynamo to guard on.
+    """
+    shape = (parametrization.out_features, parametrization.in_features)
+    shape = shape[::-1] if parametrization.transposed else shape
+    if torch.compiler.is_compiling():
+        return reference.new_full((), float("nan")).expand(shape)
+    kept = getattr(parametrization, "_lsparam_placeholder", None)
+    if kept is None or kept.dtype != reference.dtype or kept.device != reference.device or kept.shape != shape:
+        kept = reference.new_full((), float("nan")).expand(shape)
+        parametrization._lsparam_placeholder = kept
+    return kept
 
 
 def _transposed_product(func, args, kwargs):

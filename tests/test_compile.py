@@ -174,3 +174,16 @@ def test_the_csr_custom_ops_declare_what_compile_relies_on():
     dense = support.to_dense(values)
     torch.testing.assert_close(csr_ops.csr_mm(crow, col, values, x, 40), x @ dense.t())
     torch.testing.assert_close(csr_ops.csr_entry_dots(crow, col, values, grad, x), (grad.t() @ x)[dense != 0])
+
+
+def test_the_kept_placeholder_follows_the_factors():
+    """The placeholder is kept between forwards (see lsparam/weight.py) and remade when the factors' dtype
+    or device changes: the weight's metadata are always the factors'."""
+    layer = nn.Linear(16, 8)
+    lsparam.parametrize(layer, lsparam.LowRankConfig(rank=4), target_modules=None)
+    assert layer.weight.dtype == torch.float32
+    layer.double()
+    assert layer.weight.dtype == torch.float64
+    assert layer(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
+    layer.to("meta")
+    assert layer.weight.device.type == "meta" and tuple(layer.weight.shape) == (8, 16)
