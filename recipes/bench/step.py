@@ -7,8 +7,9 @@ the unfused loop for comparison). Speed: all configurations of a size are built 
 warmed up (``--warmup`` steps), then timed in turn for ``--repeats`` rounds (median reported), so a slow
 spell of the shared machine hits every ratio alike. Memory: each configuration alone in a fresh process,
 one step after warm-up measured by ``lsparam.memory.measure``. With
-``--compile`` the models of the first size are also run under ``torch.compile`` (AdamW only), to show what
-compiling changes.
+``--compile`` the models of the first size are also run under ``torch.compile`` (AdamW only; the whole
+model, one graph for every method), to show what compiling changes; their ratios are to compiled
+full-rank.
 
     python -m recipes.bench.step --compile --unfused      # writes the table into docs/benchmarks.md
     python -m recipes.bench.step --sizes llama_20m --methods full lost --no-write
@@ -156,17 +157,18 @@ def main() -> None:
             print(f"{run[0]} {run[1]:9s} {run[2]:15s} compiled={run[3]!s:5s} {result['tokens_per_s']:8.0f} tok/s "
                   f"{result['peak_bytes'] / 2**20:8.1f} MiB (warm-up {result['warmup_seconds']:.1f} s)", flush=True)
 
-    def base(r):
+    def base(r):  # full-rank AdamW of the same size, compiled for compiled rows
         return next(b for b in results if (b["size"], b["method"], b["optimizer"], b["compiled"]) ==
-                    (r["size"], "full", "adamw", False))
+                    (r["size"], "full", "adamw", r["compiled"]))
 
     lines = [
-        f"One training step (forward, backward, update) of a LLaMA of the papers' shapes (32000-token vocabulary), "
+        (f"One training step (forward, backward, update) of a LLaMA of the papers' shapes (32000-token vocabulary), "
         f"batch {args.batch_size} x {args.seq_len} tokens, {'bf16 on CUDA' if torch_cuda() else 'fp32 on CPU'}, "
         f"{results[0]['threads']} threads. Tokens/s: the median of {args.repeats} rounds after {args.warmup} warm-up steps, "
         f"every configuration of a size timed in turn in each round (one process per size). Peak memory: each "
         f"configuration alone in a fresh process, one step measured with `lsparam.memory.measure`. Ratios "
-        f"are to full-rank AdamW (32-bit states) of the same size, in the same run.",
+        f"are to full-rank AdamW (32-bit states) of the same size, in the same run; compiled rows to compiled "
+        f"full-rank."),
         "",
         "| size | method | optimizer | compiled | tokens/s | vs full-rank | peak (MiB) | vs full-rank |",
         "|---|---|---|---|---|---|---|---|",
