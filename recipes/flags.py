@@ -48,7 +48,7 @@ MUST_MATCH = ("model", "method", *KNOBS, "precision", "batch_size", "seq_len", "
               "state_bits", "dataset", "data_files", "valid_files", "tokenizer", "vocab_size", "seed", "parallel")
 # Flags a resumed run may change: they take effect from the resumed step (recipes.checkpoint).
 MAY_CHANGE = ("lr", "linear_lr_scale", "weight_decay", "clip_norm", "warmup", "min_lr_ratio", "eval_every", "eval_batches",
-              "save_every", "keep", "lean_head")
+              "save_every", "keep", "lean_head", "compile")
 DEFAULT_STEPS = 300  # the offline CPU run when neither --steps nor --tokens is given
 DESCRIPTION = "Pretrain a LLaMA with low-rank plus sparse weights (SLTrain, LOST), or a baseline."
 
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     a.add_argument("--threads", type=int, help="CPU threads per process (default: usable cores / local processes)")
     a.add_argument("--grad-checkpointing", action="store_true", help="recompute each decoder layer in backward")
+    a.add_argument("--compile", action="store_true", help="run the training step's model under torch.compile")
     a.add_argument("--lean-head", action=argparse.BooleanOptionalAction, default=True,
                    help="compute the LM head and loss in chunks of tokens, never the full logits (default: on)")
     a.add_argument("--no-deterministic", action="store_true", help="allow nondeterministic kernels (faster on GPU)")

@@ -236,6 +236,8 @@ def setup(args) -> Run:
     if args.grad_checkpointing:
         raw.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = _wrap(args, raw, device)
+    if args.compile:  # the whole model is one graph (lsparam's weights trace without breaks)
+        model = torch.compile(model)
     if path is not None:  # the weights before the optimizer is built over them
         checkpoint.load_weights(raw, path, args)
     optimizer = build_optimizer(args, raw, settings)

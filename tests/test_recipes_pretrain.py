@@ -340,3 +340,16 @@ def test_bad_seed_or_out_is_one_error_line(flags, message, corpus, tmp_path, cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert __import__("re").search(message, err) and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_compile_trains_as_eager_does(corpus, tmp_path, restore_torch_globals):
+    import torch._dynamo
+
+    runs = {}
+    for mode in ("eager", "compiled"):
+        out = tmp_path / mode
+        pretrain.main(common(corpus, out, "--method", "sltrain", "--steps", "3", *(["--compile"] if mode == "compiled" else [])))
+        runs[mode] = [r["loss"] for r in read_metrics(out)[0]]
+        torch._dynamo.reset()
+    torch.testing.assert_close(runs["compiled"], runs["eager"], rtol=1e-4, atol=1e-4)
