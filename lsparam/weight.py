@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 from torch.utils._pytree import tree_map_only
 
 
@@ -147,6 +148,9 @@ def _placeholder(parametrization, reference: torch.Tensor) -> torch.Tensor:
     shape = shape[::-1] if parametrization.transposed else shape
     if torch.compiler.is_compiling():
         return reference.new_full((), float("nan")).expand(shape)
+    if is_fake(reference):  # shape-only models (memory estimates): a fake cannot become a subclass, a real one can
+        with unset_fake_temporarily():
+            return torch.full((), float("nan"), dtype=reference.dtype, device=reference.device).expand(shape)
     kept = getattr(parametrization, "_lsparam_placeholder", None)
     if kept is None or kept.dtype != reference.dtype or kept.device != reference.device or kept.shape != shape:
         kept = reference.new_full((), float("nan")).expand(shape)
