@@ -15,7 +15,7 @@ COLUMNS_HELP = """columns (GiB, 1 GiB = 2^30 bytes):
   weights     parameters in --dtype
   grads       gradients alive at once (all of them, or the largest single one with per-layer updates)
   states      optimizer states (torchao keeps tensors under 4096 elements in full precision)
-  indices     sparse index arrays in memory (SLTrain int32 CSR and its transpose, LOST channel list)
+  indices     sparse index arrays in memory (SLTrain's support: uint16 columns and row pointers; LOST channel list)
   activations what autograd saves for backward, traced on fake tensors for --batch-size x --seq-len
   paper       weights + states + indices: the convention of the GaLore and SLTrain memory tables
   peak        modelled peak of one step: max(start of backward, optimizer step), see docs/memory.md

@@ -28,7 +28,10 @@ def machine() -> str:
 
 def write_section(name: str, title: str, body: str) -> Path:
     """Replace (or append) the section ``name`` of docs/benchmarks.md."""
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], DOCS.parents[1])] + sys.argv[1:])
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # run as `python -m recipes.bench.X`
+    program = f"-m {spec.name}" if spec is not None else os.path.relpath(sys.argv[0], DOCS.parents[1])
+    command = f"python {program} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command.rstrip()
     stamp = datetime.date.today().isoformat()
     section = (
         f"<!-- bench:{name}:start -->\n## {title}\n\n"
