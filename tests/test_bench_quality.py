@@ -162,6 +162,9 @@ def test_the_plan_stops_at_the_first_unfinished_stage_and_the_estimate_counts_do
     estimate = quality.runs_left_estimate([], **kw)
     assert abs(estimate - len(results)) <= 4  # the grid's and the split's edges are not known in advance
     assert quality.runs_left_estimate(results, **kw) == 0
+    tokens = sum(r.run.tokens for r in results)
+    assert tokens - 4 * 1000 <= quality.tokens_left_estimate([], **kw) <= tokens  # the unknown edges run at 1000
+    assert quality.tokens_left_estimate(results, **kw) == 0
 
 
 def test_split_extensions_step_out_along_the_edge_axes():

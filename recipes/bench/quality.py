@@ -84,6 +84,12 @@ SPLIT_GRID = [(2.5, 0.25), (2.5, 0.125), (5.0, 0.125), (5.0, 0.25)]
 WARMUPS = [0.03, 0.3]  # around the recipe's 0.1 (a fraction of the steps)
 INIT_RANGES = [0.01, 0.04]  # around transformers' 0.02 (0.04 ~ sqrt(2 / (5 d)), "small init" at d = 256)
 STRUCTURED = ("sltrain", "lost", "lost-silu", "cola")  # the target's candidates (SLTrain / LOST / CoLA)
+PRIOR = ("The earlier version of this study (the same setup; 500k and 1M tokens, 2 seeds; full-rank at one rate, "
+         "the others at theirs; its runs are gone, its table is in the history of this file) had at 1M tokens: full-rank "
+         "255.1, low-rank 238.3, SLTrain 157.7, LOST 176.8, LOST-SiLU 144.5, GaLore 158.6 -- every structured method "
+         "31-43% below full-rank, the reverse of the papers at their budgets and of Glentis et al. 2025 (arXiv "
+         "2505.22922), who find a well-tuned full-rank model best. This study asks whether that survives fair "
+         "tuning of full-rank and a growing budget.")
 FULL_ONE_LR = "full, one lr"  # full-rank at its best single rate, every other setting the recipe's
 TRAIN_SHARDS = 8  # of about 1M tokens each: a run's shard order still depends on its seed
 MAX_SPLIT_EXTENSIONS = 2
@@ -344,6 +350,34 @@ def runs_left_estimate(results: list[Result], methods, budgets, seeds: int, **kw
     return left + sum(n for name, n in future if name not in seen)
 
 
+def tokens_left_estimate(results: list[Result], methods, budgets, seeds: int, **kw) -> int:
+    """Training tokens still to do, counted as :func:`runs_left_estimate` counts runs."""
+    have = {r.run for r in results}
+    left, seen = 0, []
+    for name, stage in stages(results, methods, budgets, seeds=seeds, **kw):
+        seen.append(name)
+        left += sum(r.tokens for r in stage if r not in have)
+    budgets = sorted(budgets)
+    rows = len(rows_of(methods)) if "full" in methods else len(methods)
+    future = []
+    if "full" in methods and kw.get("tune_full", True):
+        future += [("full-rank: learning-rate split", len(SPLIT_GRID) * budgets[0]),
+                   ("full-rank: warmup", len(WARMUPS) * budgets[0]), ("full-rank: init scale", len(INIT_RANGES) * budgets[0])]
+    future += [(f"{t:,} tokens", rows * t) for t in budgets[1:]]
+    future += [(f"{budgets[-1]:,} tokens: rate x0.5 and x2", 2 * len(methods) * budgets[-1]),
+               (f"{budgets[-1]:,} tokens: seeds 1..{seeds - 1}", (seeds - 1) * len(methods) * budgets[-1])]
+    return left + sum(n for name, n in future if name not in seen)
+
+
+def seconds_per_token(results: list[Result]) -> float | None:
+    """Wall time per training token of the finished runs (their training time where the wall time was not
+    recorded), evaluations and checkpoints included where it was."""
+    done = [r.record for r in results if r.finished]
+    if not done:
+        return None
+    return sum(r.get("wall_seconds") or r["train_seconds"] for r in done) / sum(r["tokens"] for r in done)
+
+
 # ---- result files ----------------------------------------------------------------------------------
 NUMBER_LIST = re.compile(r"\[\s*([-+\d.eE,\s]+?)\s*\]")  # [1, 2.5e-3] on one line: the curves stay short
 SETUP_KEYS = ("model", "batch_size", "seq_len", "valid_tokens", "passage_chars")
@@ -403,7 +437,8 @@ def linear_parameters(parameters: dict) -> int:
             + parameters.get("other_factors", 0))
 
 
-def make_record(run: Run, run_dir: Path, setup: dict, command: list[str] | None = None) -> dict:
+def make_record(run: Run, run_dir: Path, setup: dict, command: list[str] | None = None,
+                wall_seconds: float | None = None) -> dict:
     """The result file of a run from its directory: ``summary.json`` and ``metrics.jsonl``, or ``failed.txt``."""
     from recipes.plot import parse_metrics
 
@@ -430,7 +465,7 @@ def make_record(run: Run, run_dir: Path, setup: dict, command: list[str] | None 
             "parameters": summary["parameters"], "linear_parameters": linear_parameters(summary["parameters"]),
             "peak_memory_mib": summary["peak_memory_mib"], "memory_kind": summary["memory_kind"],
             "tokens_per_s": median_tokens_per_s(records, per_step), "tokens_per_s_mean": summary["tokens_per_s"],
-            "train_seconds": summary["train_seconds"]}
+            "train_seconds": summary["train_seconds"], "wall_seconds": wall_seconds}
 
 
 def _machine() -> str:
@@ -520,9 +555,9 @@ def setup_of(args) -> dict:
             "passage_chars": args.passage_chars, "data_files": args.data_files, "valid_files": args.valid_files}
 
 
-def finish(run: Run, args, command=None) -> Result:
+def finish(run: Run, args, command=None, wall_seconds=None) -> Result:
     """Write (and with --commit-results commit) the result file of a run that has ended in ``--out``."""
-    record = make_record(run, Path(args.out) / run.name, setup_of(args), command)
+    record = make_record(run, Path(args.out) / run.name, setup_of(args), command, wall_seconds)
     path = write_result(args.results, record)
     result = read_result(path)
     if args.commit_results:
@@ -542,6 +577,7 @@ def execute(run: Run, args) -> Result:
         return finish(run, args)  # ended before its result file was written
     run_dir.mkdir(parents=True, exist_ok=True)
     command = command_for(run, args)
+    started = time.monotonic()
     for attempt in range(2):  # a killed process resumes once from its checkpoint
         with open(run_dir / "run.log", "a") as log:
             code = subprocess.run([sys.executable, *command], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -554,7 +590,7 @@ def execute(run: Run, args) -> Result:
             break
         if attempt == 1:  # a crash is a bug to fix, not a result
             raise RuntimeError(f"run {run.name} failed (exit {code}); see {run_dir / 'run.log'}:\n{text[-2000:]}")
-    return finish(run, args, command)
+    return finish(run, args, command, time.monotonic() - started)
 
 
 def run_stage(name: str, runs: list[Run], args) -> list[Result]:
@@ -668,16 +704,20 @@ def report(results: list[Result], args, methods) -> str:
         f"median training step **measured on a shared 2-core machine** with other jobs running, so it is a rough "
         f"guide only (the step benchmark is the speed reference)."
     )
+    pace, tokens_left = seconds_per_token(finished), tokens_left_estimate(results, **plan_kw(args, methods))
+    eta = (f" At the pace so far ({pace * 1e6 / 60:.0f} minutes per 1M tokens, one run at a time at the lowest priority "
+           f"on the shared machine), the {tokens_left / 1e6:.0f}M tokens left take about {pace * tokens_left / 3600:.0f} "
+           f"hours." if pace and step else "")
     progress = (
-        f"**Progress: {len(finished)} runs finished, "
-        + (f"about {left} to go; the study continues** " if step else "the study is complete** ")
+        f"**Progress: {len(finished)} run{'s' if len(finished) != 1 else ''} finished, "
+        + (f"about {left} to go; the study continues**{eta} " if step else "the study is complete** ")
         + "(each run's result is "
         "in `docs/benchmarks/quality/`; it resumes from there on any checkout: `nohup nice -n 19 python -m "
         "recipes.bench.quality --jobs 1 --commit-results --data-files '<corpus>/train/*.txt' --valid-files "
         "'<corpus>/valid/*.txt' > /tmp/quality-study.log 2>&1 &`)."
         + (f" Next stage: {step[0]} ({len(step[1])} run(s))." if step else " Every planned run has finished.")
     )
-    lines = [intro, "", progress,
+    lines = [intro, "", progress, "", PRIOR,
         "",
     ]
     complete = step is None
