@@ -143,6 +143,25 @@ def test_the_kernels_read_columns_past_the_int16_range(features, rows, tokens, s
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [2, 3])
+def test_dx_of_a_support_large_enough_to_be_transposed_in_parallel(threads):
+    """Past 2**20 entries the kernel's transpose is made by several threads (native.cpp): rows split by
+    entries, each column's rows still in order. A few rows are left empty."""
+    rows, features, tokens = 1100, 1000, 5
+    flat = uniform_flat_indices(rows * features, 2**20 + 20000, 0)
+    flat = drop_rows(flat, features, torch.arange(rows) % 97 == 3)
+    assert flat.numel() >= 2**20
+    support = SparseSupport(flat, (rows, features), persistent=False)
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(support.nnz, dtype=torch.float64, generator=generator)
+    grad = torch.randn(tokens, rows, dtype=torch.float64, generator=generator)
+    out = torch.zeros(tokens, features, dtype=torch.float64)
+    with num_threads(threads):
+        native.spmm_t_add_(grad, support.crow_indices, support.col_indices, values, out)
+    torch.testing.assert_close(out, grad @ dense_of(support, values), **TOLERANCE[torch.float64])
+
+
+@needs_native
 def test_the_kernels_refuse_other_index_types():
     support = SparseSupport(uniform_flat_indices(40 * 30, 90, 0), (40, 30), persistent=False)
     x, values = torch.randn(20, 30), torch.randn(90)

@@ -229,14 +229,20 @@ void spmm_add(const T* x, int64_t ldx, int64_t tokens, int64_t features, const i
 
 // S's transpose in CSR form (crow_t, rows_t, values_t), by a counting sort over the row-major support:
 // each thread counts the columns of its share of the rows, the counts give every thread where its entries
-// of each column go, and each thread places its own (so each column's rows stay in order). In parallel,
-// as the products are: serial, it took 5% of dX's time on one thread at 4096×11008, and a growing share
-// on more.
+// of each column go, and each thread places its own (so each column's rows stay in order). Below
+// PARALLEL_SORT_ENTRIES one thread does it all: its three barriers cost more than they save there. On a
+// machine whose cores are busy with other processes, each barrier can wait a whole scheduler tick for a
+// descheduled thread (40-48 ms for a 2-thread sort of 21k to 336k entries, measured on 2 shared cores,
+// against 0.05-0.8 ms on one thread). Above it, a serial sort takes 5 ms or more (4.7% of dX's one-thread
+// time at 4096×11008) and its share grows with the threads dX runs on.
+constexpr int64_t PARALLEL_SORT_ENTRIES = int64_t(1) << 20;
+
 template <typename T, typename I>
 void transpose_support(int64_t rows, int64_t features, const int32_t* crow, const I* col, const T* values,
                        int32_t* crow_t, int32_t* rows_t, T* values_t, int threads) {
   const int64_t nnz = crow[rows];
-  const int team = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
+  const int64_t wanted = nnz < PARALLEL_SORT_ENTRIES ? 1 : std::min<int64_t>(threads, rows);
+  const int team = static_cast<int>(std::max<int64_t>(1, wanted));
   auto next = aligned_vectors<int32_t>(team * features);  // thread t's counts, then where its next entries go
 #pragma omp parallel num_threads(team)
   {
@@ -279,11 +285,11 @@ void transpose_support(int64_t rows, int64_t features, const int32_t* crow, cons
 }
 
 // dX: out += grad S, the forward's kernel on S's transpose, made for the call: the support holds no
-// transposed copy between calls. Making it takes 1.4-2.2% of dX's time on one thread at LLaMA shapes up
-// to 2048×5461. Walking the row-major support instead (each thread adding value · its block's
+// transposed copy between calls. Making it takes 1.5-2.3% of dX's time on one thread at LLaMA shapes from
+// 512×1376 to 2048×5461. Walking the row-major support instead (each thread adding value · its block's
 // grad[:, row] into the sums of the entry's column, kept for every column, then transposed into out)
-// measured 1.15-1.4x the time of this route: each entry reads its column's sums from L2 and writes them
-// back, where the gather only reads.
+// measured 1.15-1.4x the time of this route on one thread: each entry reads its column's sums from L2 and
+// writes them back, where the gather only reads.
 template <typename T, typename I>
 void spmm_t_add(const T* grad, int64_t ldg, int64_t tokens, int64_t rows, const int32_t* crow, const I* col,
                 const T* values, int64_t features, T* out, int64_t ldo, int threads) {
