@@ -86,8 +86,8 @@ INIT_RANGES = [0.01, 0.04]  # around transformers' 0.02 (0.04 ~ sqrt(2 / (5 d)),
 STRUCTURED = ("sltrain", "lost", "lost-silu", "cola")  # the target's candidates (SLTrain / LOST / CoLA)
 PRIOR = ("The earlier version of this study (the same setup; 500k and 1M tokens, 2 seeds; full-rank at one rate, "
          "the others at theirs; its runs are gone, its table is in the history of this file) had at 1M tokens: full-rank "
-         "255.1, low-rank 238.3, SLTrain 157.7, LOST 176.8, LOST-SiLU 144.5, GaLore 158.6 -- every structured method "
-         "31-43% below full-rank, the reverse of the papers at their budgets and of Glentis et al. 2025 (arXiv "
+         "255.1, low-rank 238.3, SLTrain 157.7, LOST 176.8, LOST-SiLU 144.5, GaLore 158.6 -- SLTrain, LOST, LOST-SiLU "
+         "and GaLore 31-43% below full-rank (low-rank 7% below), the reverse of the papers at their budgets and of Glentis et al. 2025 (arXiv "
          "2505.22922), who find a well-tuned full-rank model best. This study asks whether that survives fair "
          "tuning of full-rank and a growing budget.")
 FULL_ONE_LR = "full, one lr"  # full-rank at its best single rate, every other setting the recipe's
@@ -454,8 +454,8 @@ def make_record(run: Run, run_dir: Path, setup: dict, command: list[str] | None 
     per_step = summary["tokens"] // max(1, summary["steps"])
     train = [r for r in records if r.get("type") == "train"]
     every = max(1, len(train) // 64)  # a thinned training curve: 64 points of the mean loss over each stretch
-    curve = [[train[min(i + every, len(train)) - 1]["tokens"],
-              statistics.fmean(r["loss"] for r in train[i:i + every])] for i in range(0, len(train), every)]
+    curve = [[train[i + every - 1]["tokens"], statistics.fmean(r["loss"] for r in train[i:i + every])]
+             for i in range(0, len(train) - every + 1, every)]  # whole stretches only: no one-step tail
     return {**record, "status": "finished",
             "initial_val_loss": evals[0]["val_loss"] if evals else None,
             "initial_val_ppl": summary["initial_val_ppl"],
@@ -710,12 +710,11 @@ def report(results: list[Result], args, methods) -> str:
            f"hours." if pace and step else "")
     progress = (
         f"**Progress: {len(finished)} run{'s' if len(finished) != 1 else ''} finished, "
-        + (f"about {left} to go; the study continues**{eta} " if step else "the study is complete** ")
-        + "(each run's result is "
-        "in `docs/benchmarks/quality/`; it resumes from there on any checkout: `nohup nice -n 19 python -m "
-        "recipes.bench.quality --jobs 1 --commit-results --data-files '<corpus>/train/*.txt' --valid-files "
-        "'<corpus>/valid/*.txt' > /tmp/quality-study.log 2>&1 &`)."
-        + (f" Next stage: {step[0]} ({len(step[1])} run(s))." if step else " Every planned run has finished.")
+        + (f"about {left} to go; the study continues.**{eta} Next stage: {step[0]} ({len(step[1])} run(s)). "
+           if step else "the study is complete.** ")
+        + "Each run's result is in `docs/benchmarks/quality/`; the study resumes from there on any checkout "
+        "(`nohup nice -n 19 python -m recipes.bench.quality --jobs 1 --commit-results --data-files "
+        "'<corpus>/train/*.txt' --valid-files '<corpus>/valid/*.txt' > /tmp/quality-study.log 2>&1 &`)."
     )
     lines = [intro, "", progress, "", PRIOR,
         "",
@@ -879,7 +878,7 @@ def plot_curves(table: dict, tokens: int, target: Path, model: str) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (row, data) in enumerate(table.items()):
         rec = data["runs"][0].record
-        if not data["runs"][0].finished:
+        if not data["runs"][0].finished or (row == FULL_ONE_LR and "full" in table and data["run"] == table["full"]["run"]):
             continue
         color = f"C{i % 10}"
         if rec.get("train_loss"):
