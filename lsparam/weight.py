@@ -148,12 +148,14 @@ def _placeholder(parametrization, reference: torch.Tensor) -> torch.Tensor:
     shape = shape[::-1] if parametrization.transposed else shape
     if torch.compiler.is_compiling():
         return reference.new_full((), float("nan")).expand(shape)
-    if is_fake(reference):  # shape-only models (memory estimates): a fake cannot become a subclass, a real one can
-        with unset_fake_temporarily():
-            return torch.full((), float("nan"), dtype=reference.dtype, device=reference.device).expand(shape)
     kept = getattr(parametrization, "_lsparam_placeholder", None)
     if kept is None or kept.dtype != reference.dtype or kept.device != reference.device or kept.shape != shape:
-        kept = reference.new_full((), float("nan")).expand(shape)
+        # Asked only when remaking it: is_fake costs as much as the rest of building the weight.
+        if is_fake(reference):  # shape-only models (memory estimates): a fake cannot become a subclass, a real one can
+            with unset_fake_temporarily():
+                kept = torch.full((), float("nan"), dtype=reference.dtype, device=reference.device).expand(shape)
+        else:
+            kept = reference.new_full((), float("nan")).expand(shape)
         parametrization._lsparam_placeholder = kept
     return kept
 
