@@ -248,17 +248,17 @@ def test_sltrain_state_dict_holds_no_index_tensor(llama):
             assert value.dtype == torch.uint8, key
         else:
             assert re.search(r"original[012]$", key) and value.dtype == torch.float32, key
-    assert not any(v.dtype in (torch.int64, torch.int32) for v in state.values())
+    assert not any(v.dtype in (torch.int64, torch.int32, torch.uint16) for v in state.values())
     # Values per layer: exactly nnz floats, no more (indices are regenerated, not stored).
     q = "model.layers.0.self_attn.q_proj.parametrizations.weight.original2"
     assert state[q].shape == (math.floor(0.05 * 64 * 64),)
 
 
-def test_sltrain_dense_init_stores_its_support_as_int32(llama):
+def test_sltrain_dense_init_stores_its_support_as_held(llama):
     state = lsparam.parametrize(llama, CHECKPOINT_CONFIGS["sltrain-dense-init"]).state_dict()
     index_keys = [k for k in state if k.endswith(("crow_indices", "col_indices"))]
     assert len(index_keys) == 14 * 2
-    assert all(state[k].dtype == torch.int32 for k in index_keys)
+    assert all(state[k].dtype == (torch.uint16 if k.endswith("col_indices") else torch.int32) for k in index_keys)
     assert not any(v.dtype == torch.int64 for v in state.values())
 
 
@@ -272,7 +272,7 @@ def test_sltrain_support_is_regenerated_identically(llama_factory):
     ):
         assert torch.equal(p.support.crow_indices, q.support.crow_indices), name
         assert torch.equal(p.support.col_indices, q.support.col_indices), name
-        assert p.support.col_indices.dtype == torch.int32
+        assert p.support.col_indices.dtype == torch.uint16  # every column of a d=64 layer fits 16 bits
         supports[name] = p.support.col_indices
     fresh.load_state_dict(source.state_dict())
     for name, (_, q) in lsparam.structured_layers(fresh).items():
@@ -316,7 +316,7 @@ def test_sltrain_support_is_fixed_during_training(llama):
         assert torch.equal(p.support.crow_indices, crow) and torch.equal(p.support.col_indices, col), name
         # A valid CSR support: row pointers from 0 to nnz, columns in range and increasing within a row.
         assert crow[0] == 0 and crow[-1] == nnz and (crow[1:] >= crow[:-1]).all()
-        assert col.min() >= 0 and col.max() < in_features
+        assert int(col.int().min()) >= 0 and int(col.int().max()) < in_features  # uint16 has no min/max kernel
         rows, cols = support_rows_cols(p.support)
         flat = rows * in_features + cols
         assert (flat[1:] > flat[:-1]).all()
