@@ -70,6 +70,7 @@ def variants(out_features: int, in_features: int, device, dtype):
     lost_macs = rank * (in_features + out_features) + channels * out_features
     out["lsparam LOST"] = (make(lsparam.LOSTConfig(rank=rank, channel_ratio=0.05)), lost_macs)
     out["lsparam LOST-SiLU"] = (make(lsparam.LOSTConfig(rank=rank, channel_ratio=0.05, activation="silu")), lost_macs)
+    out["lsparam CoLA"] = (make(lsparam.CoLAConfig(rank=rank)), rank * (in_features + out_features))
     return out
 
 
@@ -123,6 +124,7 @@ def main() -> None:
     ]
     lines += [f"| {s} | {n} | {ms:.2f} | {ratio:.2f} | {floor:.2f} |" for s, n, ms, ratio, floor in rows]
     table = "\n".join(lines)
+    print(table)
     if not args.no_write:
         from recipes.bench.report import write_section
 
