@@ -1,4 +1,4 @@
-"""recipes/bench/quality.py: its plan, its result files, its report and its ratio plot.
+"""recipes/bench/quality/: its plan, its result files, its report and its ratio plot.
 
 The unit tests build result files from fake run directories (a ``summary.json`` and ``metrics.jsonl`` as
 ``recipes/pretrain.py`` writes them) and never train; the ``--quick`` study end to end trains real tiny
@@ -17,8 +17,24 @@ from pathlib import Path
 
 import pytest
 
-from recipes.bench import quality
-from recipes.bench.quality import FULL_ONE_LR, Run
+from recipes.bench.quality.cli import build_parser, main
+from recipes.bench.quality.execute import execute, finish, setup_of
+from recipes.bench.quality.plan import (
+    FULL_ONE_LR,
+    GRIDS,
+    Result,
+    Run,
+    best_run,
+    edge_extension,
+    next_stage,
+    rows_of,
+    runs_left_estimate,
+    split_extensions,
+    tokens_left_estimate,
+)
+from recipes.bench.quality.plots import plot_ratios
+from recipes.bench.quality.report import ratio_series, verdict
+from recipes.bench.quality.results import commit, read_result, read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP = {"model": "llama_20m", "batch_size": 4, "seq_len": 256, "valid_tokens": 65536, "passage_chars": 4000,
@@ -55,17 +71,17 @@ def fake_run_dir(out: Path, run: Run, ppl: float | None, *, speed: float = 1000.
 
 
 def study_args(tmp_path: Path, **changes) -> Namespace:
-    args = quality.build_parser().parse_args(["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
-    args.grids, args.commit_results = dict(quality.GRIDS), False
+    args = build_parser().parse_args(["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    args.grids, args.commit_results = dict(GRIDS), False
     for key, value in changes.items():
         setattr(args, key, value)
     return args
 
 
-def finished(tmp_path: Path, args: Namespace, run: Run, ppl: float | None, **kw) -> quality.Result:
+def finished(tmp_path: Path, args: Namespace, run: Run, ppl: float | None, **kw) -> Result:
     """The result file of a fake run, written by the study's own finish step."""
     fake_run_dir(Path(args.out), run, ppl, **kw)
-    return quality.finish(run, args)
+    return finish(run, args)
 
 
 # ---- the plan --------------------------------------------------------------------------------------
@@ -77,7 +93,7 @@ def finished(tmp_path: Path, args: Namespace, run: Run, ppl: float | None, **kw)
     ({1e-3: 25.0}, None),                                    # one rate says nothing about edges
 ])
 def test_edge_extension_moves_toward_the_better_side(ppl_by_lr, expected):
-    result = quality.edge_extension(ppl_by_lr)
+    result = edge_extension(ppl_by_lr)
     assert result == (None if expected is None else pytest.approx(expected))
 
 
@@ -107,12 +123,12 @@ def synthetic_ppl(run: Run) -> float:
 def simulate(methods, budgets, seeds=2):
     """Run the planner to the end, 'training' each run with synthetic_ppl; returns (stages, results)."""
     results, seen = [], []
-    kw = {"methods": methods, "budgets": budgets, "seeds": seeds, "max_extensions": 2, "grids": quality.GRIDS, "tune_full": True}
-    while (step := quality.next_stage(results, **kw)) is not None:
+    kw = {"methods": methods, "budgets": budgets, "seeds": seeds, "max_extensions": 2, "grids": GRIDS, "tune_full": True}
+    while (step := next_stage(results, **kw)) is not None:
         name, runs = step
         assert runs and not any(r in {x.run for x in results} for r in runs), name  # only new runs
         seen.append((name, runs))
-        results += [quality.Result(r, synthetic_ppl(r), {"status": "finished"}) for r in runs]
+        results += [Result(r, synthetic_ppl(r), {"status": "finished"}) for r in runs]
         assert len(seen) < 40
     return seen, results
 
@@ -123,7 +139,7 @@ def test_the_plan_sweeps_tunes_full_rank_then_grows_the_budget():
     names = [n for n, _ in stages]
     # the sweep first, every method's middle rate before any other rate
     assert names[0] == "sweep"
-    assert [r.lr for r in stages[0][1][:6]] == [quality.GRIDS[m][1] for m in methods]
+    assert [r.lr for r in stages[0][1][:6]] == [GRIDS[m][1] for m in methods]
     # then the grid's edges (LOST-SiLU's best 3e-3 and CoLA's 1.2e-2 lie above their grids), full-rank's
     # tuning, and the budgets in increasing order, the longest's rate check and seeds last
     order = ["grid edges", "full-rank: learning-rate split", "full-rank: warmup", "full-rank: init scale",
@@ -137,7 +153,7 @@ def test_the_plan_sweeps_tunes_full_rank_then_grows_the_budget():
     # full-rank's tuning follows its best: the split around lr 1e-3, then warmup 0.03 kept, init 0.04 not
     split = dict(stages)["full-rank: learning-rate split"]
     assert {(r.lr, r.linear_lr_scale) for r in split} == {(2.5e-3, 0.25), (2.5e-3, 0.125), (5e-3, 0.125), (5e-3, 0.25)}
-    best_full = quality.best_run(results, "full", 1_000_000)
+    best_full = best_run(results, "full", 1_000_000)
     assert best_full.linear_lr_scale != 1 and best_full.warmup == 0.03 and best_full.init_range is None
     # every longer budget runs each row at its best configuration of the sweep, "full, one lr" included
     at_2m = dict(stages)["2,000,000 tokens"]
@@ -151,28 +167,36 @@ def test_the_plan_sweeps_tunes_full_rank_then_grows_the_budget():
     assert Run("cola", 1.2e-2, 1, 8_000_000) in seeds
 
 
+def test_the_default_plan_ends_at_4m_tokens():
+    """1M, 2M and 4M: 8M does not fit the shared machine's time (the goal asks for at least 4M)."""
+    budgets = build_parser().parse_args([]).budgets
+    assert budgets == [1_000_000, 2_000_000, 4_000_000]
+    stages, _ = simulate(["full", "lost"], budgets)
+    assert [n for n, _ in stages][-2:] == ["4,000,000 tokens: rate x0.5 and x2", "4,000,000 tokens: seeds 1..1"]
+
+
 def test_the_plan_stops_at_the_first_unfinished_stage_and_the_estimate_counts_down():
     methods, budgets = ["full", "lost"], [1000, 4000]
-    kw = {"methods": methods, "budgets": budgets, "seeds": 2, "max_extensions": 2, "grids": quality.GRIDS, "tune_full": True}
-    first = quality.next_stage([], **kw)
+    kw = {"methods": methods, "budgets": budgets, "seeds": 2, "max_extensions": 2, "grids": GRIDS, "tune_full": True}
+    first = next_stage([], **kw)
     assert first[0] == "sweep" and len(first[1]) == 6
-    half = [quality.Result(r, synthetic_ppl(r), {}) for r in first[1][:3]]
-    assert quality.next_stage(half, **kw) == ("sweep", first[1][3:])  # no later stage before the sweep ends
+    half = [Result(r, synthetic_ppl(r), {}) for r in first[1][:3]]
+    assert next_stage(half, **kw) == ("sweep", first[1][3:])  # no later stage before the sweep ends
     _, results = simulate(methods, budgets)
-    estimate = quality.runs_left_estimate([], **kw)
+    estimate = runs_left_estimate([], **kw)
     assert abs(estimate - len(results)) <= 4  # the grid's and the split's edges are not known in advance
-    assert quality.runs_left_estimate(results, **kw) == 0
+    assert runs_left_estimate(results, **kw) == 0
     tokens = sum(r.run.tokens for r in results)
-    assert tokens - 4 * 1000 <= quality.tokens_left_estimate([], **kw) <= tokens  # the unknown edges run at 1000
-    assert quality.tokens_left_estimate(results, **kw) == 0
+    assert tokens - 4 * 1000 <= tokens_left_estimate([], **kw) <= tokens  # the unknown edges run at 1000
+    assert tokens_left_estimate(results, **kw) == 0
 
 
 def test_split_extensions_step_out_along_the_edge_axes():
     tried = {(2.5e-3, 6.25e-4): 300.0, (2.5e-3, 3.125e-4): 310.0, (5e-3, 6.25e-4): 305.0, (5e-3, 1.25e-3): 320.0}
-    assert quality.split_extensions(tried, 1e-3) == [(1.25e-3, 6.25e-4)]  # best at the lowest head rate
+    assert split_extensions(tried, 1e-3) == [(1.25e-3, 6.25e-4)]  # best at the lowest head rate
     tried[(5e-3, 3.125e-4)] = 290.0  # now best at the highest head rate and the lowest linear rate
-    assert quality.split_extensions(tried, 1e-3) == [(1e-2, 3.125e-4), (5e-3, 1.5625e-4)]
-    assert quality.split_extensions({(1e-3, 1e-4): math.inf}, 1e-3) == []
+    assert split_extensions(tried, 1e-3) == [(1e-2, 3.125e-4), (5e-3, 1.5625e-4)]
+    assert split_extensions({(1e-3, 1e-4): math.inf}, 1e-3) == []
 
 
 # ---- result files ----------------------------------------------------------------------------------
@@ -190,20 +214,20 @@ def test_result_file_round_trip(tmp_path):
     assert record["linear_parameters"] == LINEAR["full"] and record["peak_memory_mib"] == 987.0
     assert record["tokens_per_s"] == pytest.approx(2000.0)  # the median step, not the summary's mean
     assert record["setup"]["model"] == "llama_20m" and record["setup"]["seq_len"] == 256
-    again = quality.read_result(path)
+    again = read_result(path)
     assert again.run == run and again.ppl == pytest.approx(123.4) and again.finished
     assert "[0, 0, 9.0]" in path.read_text()  # curves stay on one line each
     diverged = finished(tmp_path, args, run.at(lr=1e-2), None)
     assert diverged.ppl == math.inf and not diverged.finished
-    assert quality.read_result(tmp_path / "results" / f"{diverged.run.name}.json").ppl == math.inf
+    assert read_result(tmp_path / "results" / f"{diverged.run.name}.json").ppl == math.inf
 
 
 def test_a_result_file_under_another_setup_is_refused(tmp_path):
     args = study_args(tmp_path)
     finished(tmp_path, args, Run("lost", 1e-3, 0, 8192), 100.0)
-    assert len(quality.read_results(args.results, quality.setup_of(args))) == 1
+    assert len(read_results(args.results, setup_of(args))) == 1
     with pytest.raises(SystemExit, match="not this study's"):
-        quality.read_results(args.results, {**quality.setup_of(args), "seq_len": 512})
+        read_results(args.results, {**setup_of(args), "seq_len": 512})
 
 
 def test_a_run_with_a_result_file_is_never_run_again(tmp_path, monkeypatch):
@@ -217,8 +241,8 @@ def test_a_run_with_a_result_file_is_never_run_again(tmp_path, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a run with a result file was started again")
 
-    monkeypatch.setattr(quality.subprocess, "run", no_training)
-    result = quality.execute(run, args)
+    monkeypatch.setattr(subprocess, "run", no_training)
+    result = execute(run, args)
     assert result.ppl == pytest.approx(150.0) and not Path(args.out).exists()
 
 
@@ -226,8 +250,8 @@ def test_a_run_that_ended_without_its_result_file_gets_one_without_training(tmp_
     args = study_args(tmp_path)
     run = Run("cola", 3e-3, 0, 8192)
     fake_run_dir(Path(args.out), run, 140.0)  # summary.json written, then the study was stopped
-    monkeypatch.setattr(quality.subprocess, "run", lambda *a, **k: pytest.fail("retrained"))
-    assert quality.execute(run, args).ppl == pytest.approx(140.0)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("retrained"))
+    assert execute(run, args).ppl == pytest.approx(140.0)
     assert (Path(args.results) / f"{run.name}.json").exists()
 
 
@@ -241,8 +265,8 @@ def test_a_run_is_trained_with_its_settings_and_a_divergence_is_a_result(tmp_pat
         stdout.write("pretrain.py: error: stopped at step 3: the loss is nan; nothing was saved for this step.\n")
         return subprocess.CompletedProcess(command, 1)
 
-    monkeypatch.setattr(quality.subprocess, "run", fake_pretrain)
-    result = quality.execute(run, args)
+    monkeypatch.setattr(subprocess, "run", fake_pretrain)
+    result = execute(run, args)
     assert len(calls) == 1 and not result.finished and result.ppl == math.inf
     flags = dict(zip(calls[0][2::2], calls[0][3::2]))
     assert (flags["--lr"], flags["--linear-lr-scale"], flags["--warmup"], flags["--seed"]) == ("0.002", "0.25", "0.3", "1")
@@ -259,9 +283,9 @@ def test_a_crash_is_retried_once_then_raised(tmp_path, monkeypatch):
         stdout.write("Killed\n")
         return subprocess.CompletedProcess(command, -9)
 
-    monkeypatch.setattr(quality.subprocess, "run", crash)
+    monkeypatch.setattr(subprocess, "run", crash)
     with pytest.raises(RuntimeError, match="failed"):
-        quality.execute(Run("lost", 1e-3, 0, 8192), args)
+        execute(Run("lost", 1e-3, 0, 8192), args)
     assert len(calls) == 2 and "--resume" in calls[1]
 
 
@@ -285,11 +309,11 @@ def test_commit_records_that_file_only_and_waits_for_the_index_lock(tmp_path):
     lock = tmp_path / ".git" / "index.lock"
     lock.write_text("")
     threading.Timer(1.0, lock.unlink).start()
-    assert quality.commit(result, "quality study: x finished (ppl 1.0)", repo=tmp_path)
+    assert commit(result, "quality study: x finished (ppl 1.0)", repo=tmp_path)
     assert git("show", "--name-only", "--format=%s", "HEAD").splitlines() == [
         "quality study: x finished (ppl 1.0)", "", "results/x.json"]
     assert git("status", "--short").strip() == "A  other"  # still staged, not committed with it
-    assert not quality.commit(result, "again", repo=tmp_path)  # unchanged: nothing to commit
+    assert not commit(result, "again", repo=tmp_path)  # unchanged: nothing to commit
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -318,23 +342,23 @@ def write_study(tmp_path: Path, with_full: bool = True) -> Namespace:
 
 def test_ratio_series_divides_by_tuned_full_rank_at_each_budget(tmp_path):
     args = write_study(tmp_path)
-    results = quality.read_results(args.results)
-    rows = quality.rows_of(["full", "lowrank", "sltrain", "lost", "cola"])
-    series = quality.ratio_series(results, rows)
+    results = read_results(args.results)
+    rows = rows_of(["full", "lowrank", "sltrain", "lost", "cola"])
+    series = ratio_series(results, rows)
     assert series["cola"] == [(8192, pytest.approx(140 / 180)), (16384, pytest.approx(102 / 102))]  # 2 seeds' mean
     assert series["lowrank"] == [(8192, pytest.approx(190 / 180)), (16384, pytest.approx(112 / 102))]
     assert series[FULL_ONE_LR] == [(8192, pytest.approx(200 / 180)), (16384, pytest.approx(110 / 102))]
     assert "full" not in series
-    png = quality.plot_ratios(series, tmp_path / "ratio.png")
+    png = plot_ratios(series, tmp_path / "ratio.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     without_full = write_study(tmp_path / "b", with_full=False)
-    assert quality.ratio_series(quality.read_results(without_full.results), rows) == {}
+    assert ratio_series(read_results(without_full.results), rows) == {}
 
 
 def test_the_report_comes_from_the_result_files_alone(tmp_path, capsys):
     args = write_study(tmp_path)
     assert not Path(args.out).exists()
-    results = quality.main(["--report-only", "--no-write", "--results", args.results, "--out", str(tmp_path / "none"),
+    results = main(["--report-only", "--no-write", "--results", args.results, "--out", str(tmp_path / "none"),
                             "--budgets", "8192", "16384", "--methods", "full", "lowrank", "sltrain", "lost", "cola"])
     assert len(results) == 18
     text = capsys.readouterr().out
@@ -357,7 +381,7 @@ def test_the_report_writes_its_figures_and_section(tmp_path, monkeypatch):
     args = write_study(tmp_path)
     written = {}
     monkeypatch.setattr("recipes.bench.report.write_section", lambda name, title, body: written.update(body=body) or Path("x"))
-    quality.main(["--report-only", "--results", args.results, "--figures", str(tmp_path / "fig"), "--budgets", "8192",
+    main(["--report-only", "--results", args.results, "--figures", str(tmp_path / "fig"), "--budgets", "8192",
                   "16384", "--methods", "full", "lowrank", "sltrain", "lost", "cola"])
     assert (tmp_path / "fig" / "quality_ratio.png").exists() and (tmp_path / "fig" / "quality_16384tok.png").exists()
     assert "quality_ratio.png)" in written["body"]
@@ -365,24 +389,24 @@ def test_the_report_writes_its_figures_and_section(tmp_path, monkeypatch):
 
 def test_verdict_says_not_met_when_full_rank_is_ahead():
     def row(ppl, linear):
-        return {"ppl": ppl, "runs": [quality.Result(Run("x", 1e-3, 0, 1), ppl, {"status": "finished", "linear_parameters": linear})]}
+        return {"ppl": ppl, "runs": [Result(Run("x", 1e-3, 0, 1), ppl, {"status": "finished", "linear_parameters": linear})]}
 
     table = {"full": row(100.0, 1000), "lost": row(103.0, 440), "lowrank": row(104.0, 400)}
-    text = "\n".join(quality.verdict(table, 1))
+    text = "\n".join(verdict(table, 1))
     assert "**not met** -- lost at 103.0 against 100.0, 1.030x" in text
     assert "Low-rank visibly worse (at least 5% above that best): **not met**" in text
     table["lost"] = row(101.0, 460)  # close enough, but more than 45% of the linear parameters
-    assert "**not met**" in quality.verdict(table, 1)[0]
+    assert "**not met**" in verdict(table, 1)[0]
 
 
 def test_report_only_without_results_says_so(tmp_path):
     with pytest.raises(SystemExit, match="no finished runs"):
-        quality.main(["--report-only", "--no-write", "--results", str(tmp_path)])
+        main(["--report-only", "--no-write", "--results", str(tmp_path)])
 
 
 def test_the_corpus_is_required_with_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        quality.main(["--quick", "--no-write", "--data-files", "x.txt", "--out", str(tmp_path)])
+        main(["--quick", "--no-write", "--data-files", "x.txt", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "--valid-files required: the corpus to train and validate on" in capsys.readouterr().err
 
@@ -398,7 +422,7 @@ def test_quick_study_end_to_end_and_report_from_result_files(tmp_path, capsys):
     out = tmp_path / "runs"
     argv = ["--quick", "--no-write", "--data-files", str(tmp_path / "train.txt"), "--valid-files",
             str(tmp_path / "valid.txt"), "--out", str(out)]
-    results = quality.main(argv)
+    results = main(argv)
     first = capsys.readouterr().out
     summaries = {d.name: json.loads((d / "summary.json").read_text()) for d in out.iterdir() if (d / "summary.json").exists()}
     assert sorted(summaries) == sorted(r.run.name for r in results)
@@ -409,7 +433,7 @@ def test_quick_study_end_to_end_and_report_from_result_files(tmp_path, capsys):
     for d in out.iterdir():
         if d.name != "results":
             shutil.rmtree(d)
-    again = quality.main(argv + ["--report-only"])
+    again = main(argv + ["--report-only"])
     assert sorted(r.run.name for r in again) == sorted(r.run.name for r in results)
     assert capsys.readouterr().out.split("### 2,048")[1] == first.split("### 2,048")[1]
 

@@ -29,7 +29,8 @@ def machine() -> str:
 def write_section(name: str, title: str, body: str) -> Path:
     """Replace (or append) the section ``name`` of docs/benchmarks.md."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)  # run as `python -m recipes.bench.X`
-    program = f"-m {spec.name}" if spec is not None else os.path.relpath(sys.argv[0], DOCS.parents[1])
+    # a package runs as its __main__ module, but `python -m package` is the command to give
+    program = f"-m {spec.name.removesuffix('.__main__')}" if spec is not None else os.path.relpath(sys.argv[0], DOCS.parents[1])
     command = f"python {program} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     command = command.rstrip()
     stamp = datetime.date.today().isoformat()
@@ -39,7 +40,7 @@ def write_section(name: str, title: str, body: str) -> Path:
         f"<!-- bench:{name}:end -->"
     )
     text = DOCS.read_text() if DOCS.exists() else HEADER
-    pattern = re.compile(rf"<!-- bench:{name}:start -->.*?<!-- bench:{name}:end -->", re.S)
+    pattern = re.compile(rf"<!-- bench:{name}:start -->.*?<!-- bench:{name}:end -->", re.DOTALL)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     DOCS.parent.mkdir(parents=True, exist_ok=True)
     DOCS.write_text(text)

@@ -1,7 +1,7 @@
 """The one training step the benchmarks time and measure: a LLaMA of a preset size, a method, an optimizer.
 
 ``recipes/bench/step.py`` (speed) and ``recipes/bench/memory.py`` (peak memory against the ledger) build
-their models here, so both measure the same thing; ``recipes/bench/quality.py`` trains through
+their models here, so both measure the same thing; ``recipes/bench/quality/`` trains through
 ``recipes/pretrain.py`` instead.
 """
 
