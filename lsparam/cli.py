@@ -34,7 +34,7 @@ def _memory_command(args) -> int:
                 breakdown = estimate(
                     config, method_config(method, size), state_bits=bits, per_layer=per_layer,
                     param_dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
-                    activation_checkpointing=args.activation_checkpointing,
+                    activation_checkpointing=args.activation_checkpointing, lean_head=args.lean_head,
                 )
                 chosen = method == args.method and bits == args.state_bits and per_layer == args.per_layer
                 rows.append((method, bits, per_layer, breakdown, chosen))
@@ -46,7 +46,8 @@ def _memory_command(args) -> int:
     gib = 2**30
     header = f"{'method':<10} {'states':>6} {'per-layer':>9} {'params(M)':>9} {'weights':>8} {'grads':>8} {'states':>8} {'indices':>8} {'activations':>11} {'paper':>8} {'peak':>8}"
     print(f"lsparam memory: {args.model}, {args.dtype}, batch {args.batch_size} x {args.seq_len} tokens"
-          f"{', activation checkpointing' if args.activation_checkpointing else ''} (GiB)")
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}"
+          f"{', lean head' if args.lean_head else ''} (GiB)")
     print(header)
     for method, bits, per_layer, d, chosen in rows:
         print(f"{method:<10} {bits:>6} {'yes' if per_layer else 'no':>9} {d.parameter_count / 1e6:>9.1f} "
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default: 1)")
     memory.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     memory.add_argument("--activation-checkpointing", action="store_true", help="keep only decoder-layer inputs")
+    memory.add_argument("--lean-head", action="store_true",
+                        help="the loss by lsparam.lean_head's chunked head (no full logits), as the recipes compute it")
     memory.add_argument("--json", action="store_true", help="print every breakdown as JSON (bytes)")
     memory.set_defaults(run=_memory_command)
     return parser

@@ -22,6 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from lsparam.api import parametrize, structured_layers
 from lsparam.extras import require
+from lsparam.lean_head import DEFAULT_CHUNK_TOKENS, use_lean_head
 from lsparam.optim.lowbit import state_bytes
 from lsparam.presets import llama_config, method_config
 from lsparam.sparse import native
@@ -157,27 +158,32 @@ def _paths_of_a_run(model: nn.Module, device: torch.device, dtype: torch.dtype):
             del parametrization.backend_for
 
 
-def _traced_activations(config, method, dtype, batch_size: int, seq_len: int, layers: int, device) -> int:
+def _traced_activations(config, method, dtype, batch_size: int, seq_len: int, layers: int, device,
+                        lean_head: bool) -> int:
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = _build_shape_model(config, method, dtype, layers)
+        if lean_head:
+            use_lean_head(model)
         ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
         counter = _SavedTensorCounter()
         with _paths_of_a_run(model, device, dtype), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
             output = model(input_ids=ids, labels=ids)
         total = counter.total(model)  # while the output keeps the graph, and so every saved tensor, alive
         del output
+    if lean_head:  # the chunked head keeps its gradients on its node, beside autograd's saved tensors
+        total += (batch_size * (seq_len - 1) + config.vocab_size) * config.hidden_size * dtype.itemsize
     return total
 
 
 _TRACES: dict = {}  # traces depend only on these arguments: the CLI asks for each one four times
 
 
-def _activations(config, method, dtype, batch_size, seq_len, checkpointing: bool, device) -> int:
+def _activations(config, method, dtype, batch_size, seq_len, checkpointing: bool, device, lean_head: bool) -> int:
     """Activation bytes from traces of 1- and 2-layer models, extrapolated to the config's depth."""
-    key = (config.to_json_string(), repr(method), dtype, batch_size, seq_len, device.type)
+    key = (config.to_json_string(), repr(method), dtype, batch_size, seq_len, device.type, lean_head)
     if key not in _TRACES:
         _TRACES[key] = tuple(
-            _traced_activations(config, method, dtype, batch_size, seq_len, n, device) for n in (1, 2))
+            _traced_activations(config, method, dtype, batch_size, seq_len, n, device, lean_head) for n in (1, 2))
     one, two = _TRACES[key]
     per_layer, outside = two - one, 2 * one - two
     layers = config.num_hidden_layers
@@ -200,6 +206,7 @@ def estimate(
     activation_checkpointing: bool = False,
     fused: bool = True,
     device="cpu",
+    lean_head: bool = False,
 ) -> MemoryBreakdown:
     """Predict the memory of one training step, by kind.
 
@@ -218,6 +225,8 @@ def estimate(
             no step temporaries; False for the unfused loop (``foreach=False``).
         device: where the step runs, ``"cpu"`` or ``"cuda"``: it decides SLTrain's sparse path, so which
             index caches exist and what the path saves for backward.
+        lean_head: the loss is computed by :func:`lsparam.lean_head.use_lean_head`'s chunked head (the
+            full logits never exist) instead of the model's own head.
 
     Example:
         >>> from lsparam.memory import estimate
@@ -270,9 +279,16 @@ def estimate(
 
     backward_transient = 0
     if config is not None:
-        breakdown.activations = _activations(config, method, dtype, batch_size, seq_len, activation_checkpointing, device)
-        # backward starts from the gradient of the logits, as large as the logits themselves
-        backward_transient = batch_size * seq_len * config.vocab_size * 4
+        breakdown.activations = _activations(config, method, dtype, batch_size, seq_len, activation_checkpointing,
+                                             device, lean_head)
+        if lean_head:  # the last chunk's fp32 logits and logsumexp's temporary, on top of nearly every
+            # activation; below fp32 the head's gradient also exists in fp32 before its saved copy is made
+            chunk = min(DEFAULT_CHUNK_TOKENS, batch_size * (seq_len - 1))
+            backward_transient = 2 * chunk * config.vocab_size * 4
+            if itemsize < 4:
+                backward_transient += config.vocab_size * config.hidden_size * 4
+        else:  # backward starts from the gradient of the logits, as large as the logits themselves
+            backward_transient = batch_size * seq_len * config.vocab_size * 4
     else:
         breakdown.notes.append("no transformers config: activations not estimated")
     # optimizer step temporaries, per parameter updated (measured, docs/benchmarks.md): none for torch's
@@ -287,8 +303,12 @@ def estimate(
 
     resident = breakdown.parameters + breakdown.optimizer_states + breakdown.sparse_indices
     if per_layer:  # updates run inside backward, while the activations are still alive
-        breakdown.transient = backward_transient + step_transient
-        breakdown.total = resident + breakdown.activations + breakdown.gradients + breakdown.transient
+        during_backward = breakdown.gradients + step_transient
+        # the lean head's chunk exists at the end of the forward, before any gradient; the plain head's
+        # logits gradient is where backward starts
+        extra = max(backward_transient, during_backward) if lean_head else backward_transient + during_backward
+        breakdown.transient = extra - breakdown.gradients
+        breakdown.total = resident + breakdown.activations + extra
         breakdown.peak_phase = "backward"
         return breakdown
     backward_peak = resident + breakdown.activations + backward_transient

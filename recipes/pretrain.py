@@ -16,7 +16,7 @@ flag, the paper-reproduction commands, and how resume, export and torchrun work.
 The recipe's modules: ``recipes/flags.py`` (the flags and every cross-check), ``recipes/checkpoint.py``
 (atomic save, resume), ``recipes/export.py`` (a checkpoint as a model, dense export), ``recipes/metrics.py``
 (``metrics.jsonl``), ``recipes/summary.py`` (``summary.json`` and the loss plot), ``recipes/health.py``
-(warnings of a run that does not learn), ``recipes/lean_head.py`` (the chunked LM head and loss),
+(warnings of a run that does not learn), ``lsparam/lean_head.py`` (the chunked LM head and loss),
 ``recipes/distributed.py`` (the process group) and this one (setup, training, evaluation, ``main``).
 
 Choices (docs/recipes.md says why): ``--precision bf16`` means bf16 weights and AdamW states, not autocast;
@@ -68,7 +68,7 @@ from recipes.summary import peak_memory_mib, summarize
 from recipes.checkpoint import WriteFailed
 from recipes.export import export_checkpoint
 from recipes.health import HealthWatch
-from recipes.lean_head import use_lean_head
+from lsparam.lean_head import use_lean_head
 from recipes.flags import DEFAULT_STEPS, RecipeError, build_parser, check_args, exporting_a_checkpoint, method_settings
 
 

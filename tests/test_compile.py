@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lsparam
+from lsparam.lean_head import use_lean_head
 from lsparam.sparse import csr_ops, native
 from lsparam.sparse.support import SparseSupport, uniform_flat_indices
 from tests.conftest import tiny_llama
@@ -187,3 +188,28 @@ def test_the_kept_placeholder_follows_the_factors():
     assert layer(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
     layer.to("meta")
     assert layer.weight.device.type == "meta" and tuple(layer.weight.shape) == (8, 16)
+
+
+def test_the_lean_head_compiles_in_the_same_graph_and_matches_eager():
+    """The recipe's default head (chunked loss, gradients made in the forward) adds no graph break."""
+    model = use_lean_head(structured_llama("sltrain-gather"), chunk_tokens=12)  # 2 x 15 predicted tokens: 3 chunks
+    graphs = []
+
+    def counting_aot_eager(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def loss_and_grads(forward):
+        loss = forward(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    eager = loss_and_grads(model)
+    with no_warnings_or_logged_warnings():
+        compiled = loss_and_grads(torch.compile(model, backend=counting_aot_eager, fullgraph=True))
+    assert len(graphs) == 1
+    torch.testing.assert_close(compiled[0], eager[0], **TOLERANCE)
+    for n, grad in compiled[1].items():
+        torch.testing.assert_close(grad, eager[1][n], **TOLERANCE, msg=lambda m, n=n: f"{n}: {m}")

@@ -1,4 +1,4 @@
-"""recipes/lean_head.py: the chunked LM head and loss equal transformers' plain path, in float64."""
+"""lsparam/lean_head.py: the chunked LM head and loss equal transformers' plain path, in float64."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recipes.lean_head import causal_lm_loss, use_lean_head
+from lsparam.lean_head import causal_lm_loss, use_lean_head
 from tests.conftest import tiny_llama
 
 
@@ -73,3 +73,26 @@ def test_bad_arguments_are_named():
         causal_lm_loss(torch.zeros(1, 2, 3), torch.zeros(4, 3), torch.zeros(1, 2, dtype=torch.long), chunk_tokens=0)
     with pytest.raises(ValueError, match="bias-free nn.Linear .lm_head"):
         use_lean_head(torch.nn.Linear(2, 2))
+
+
+def test_backward_scales_by_the_incoming_gradient_and_hands_the_head_gradient_on_without_a_copy():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 7))
+    reference = F.cross_entropy((hidden[:, :-1] @ weight.T).reshape(-1, 11), labels[:, 1:].reshape(-1))
+    expected = torch.autograd.grad(2.5 * reference, (hidden, weight))
+    loss = causal_lm_loss(hidden, weight, labels, chunk_tokens=4)
+    made_in_forward = loss.grad_fn.grads[1].data_ptr()
+    (2.5 * loss).backward()
+    torch.testing.assert_close(hidden.grad, expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weight.grad, expected[1], rtol=1e-12, atol=1e-12)
+    assert weight.grad.data_ptr() == made_in_forward  # the forward's tensor became .grad: no second copy
+
+
+def test_a_second_backward_through_the_lean_head_is_a_clear_error():
+    hidden = torch.randn(1, 5, 4, requires_grad=True)
+    loss = causal_lm_loss(hidden, torch.randn(6, 4, requires_grad=True), torch.randint(0, 6, (1, 5)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        loss.backward()

@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lsparam
 from lsparam.cli import main
+from lsparam.lean_head import use_lean_head
 from lsparam.memory import _storage_bytes, estimate, measure
 from lsparam.presets import METHODS, method_config
 from lsparam.sparse import native
@@ -85,16 +86,9 @@ TRACED = {
 }
 
 
-@pytest.mark.parametrize(
-    "name, native_kernels",
-    [*((name, True) for name in TRACED), ("sltrain", False)],  # False: SLTrain's embedding_bag route
-    ids=[*TRACED, "sltrain-embedding_bag"],
-)
-def test_activations_are_the_bytes_a_real_step_saves_beyond_what_the_model_holds(name, native_kernels):
+def saved_activation_bytes(model, ids, native_kernels: bool = True) -> int:
     """A real fp32 step on CPU, counted here: the distinct storages autograd saves, less the parameters,
     buffers and sparse supports (resident anyway, counted under their own headings)."""
-    model = real_model(TRACED[name])
-    ids = torch.randint(0, TINY["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
     saved = {}  # data_ptr -> (bytes, the storage itself: held, so no later tensor reuses its address)
 
     def pack(t):
@@ -113,11 +107,40 @@ def test_activations_are_the_bytes_a_real_step_saves_beyond_what_the_model_holds
             if isinstance(module, SparseSupport):
                 resident += module.index_tensors()  # the CSR arrays and the transposed copy, once built
     resident_ptrs = {t.untyped_storage().data_ptr() for t in resident}
-    activations = sum(nbytes for ptr, (nbytes, _) in saved.items() if ptr not in resident_ptrs)
     assert len(saved) > len(saved.keys() & resident_ptrs) > 0  # the step saves both kinds
+    return sum(nbytes for ptr, (nbytes, _) in saved.items() if ptr not in resident_ptrs)
 
+
+@pytest.mark.parametrize(
+    "name, native_kernels",
+    [*((name, True) for name in TRACED), ("sltrain", False)],  # False: SLTrain's embedding_bag route
+    ids=[*TRACED, "sltrain-embedding_bag"],
+)
+def test_activations_are_the_bytes_a_real_step_saves_beyond_what_the_model_holds(name, native_kernels):
+    ids = torch.randint(0, TINY["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    activations = saved_activation_bytes(real_model(TRACED[name]), ids, native_kernels)
     predicted = estimate(LlamaConfig(**TINY), TRACED[name], param_dtype="fp32", batch_size=2, seq_len=32)
     assert predicted.activations == pytest.approx(activations, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["full", "sltrain", "cola"])
+def test_with_the_lean_head_the_ledger_counts_what_its_step_saves(name):
+    """The chunked head saves the gradients of the hidden states and of the head's weight instead of the
+    logits; the ledger traces it when told, and the plain head's logits are then gone from the count."""
+    ids = torch.randint(0, TINY["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    activations = saved_activation_bytes(use_lean_head(real_model(TRACED[name]), chunk_tokens=16), ids)
+    # and the head's two gradients, made in the forward and held by its node until backward
+    activations += (2 * 31 + TINY["vocab_size"]) * TINY["hidden_size"] * 4
+    config = LlamaConfig(**TINY)
+    lean = estimate(config, TRACED[name], param_dtype="fp32", batch_size=2, seq_len=32, lean_head=True)
+    plain = estimate(config, TRACED[name], param_dtype="fp32", batch_size=2, seq_len=32)
+    assert lean.activations == pytest.approx(activations, rel=1e-3)
+    logits = 2 * 32 * TINY["vocab_size"] * 4
+    # the plain head saves the fp32 logits (and what the loss keeps of them); the lean one never has them
+    assert plain.activations - lean.activations >= logits - TINY["vocab_size"] * TINY["hidden_size"] * 4
+    # past one chunk of tokens the lean head's largest temporary is a chunk's logits, not all of them
+    lean, plain = (estimate("llama_60m", name, batch_size=32, lean_head=on) for on in (True, False))
+    assert lean.transient < plain.transient / 2
 
 
 def test_on_cuda_sltrain_is_traced_on_the_path_a_cuda_step_takes():

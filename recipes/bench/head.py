@@ -1,6 +1,6 @@
 """The lean output head: step time and peak memory of a training step with and without it.
 
-``recipes/lean_head.py`` computes the LM head and the loss in chunks of tokens, so the ``tokens x 32000``
+``lsparam/lean_head.py`` computes the LM head and the loss in chunks of tokens, so the ``tokens x 32000``
 logits never exist whole. This measures a full-rank LLaMA step (the head is the same for every method)
 at 20M and 60M shapes, batch x 256 tokens, fp32 on CPU (bf16 on CUDA), with AdamW: step time as the
 median of ``--repeats`` rounds, both heads built in one process and timed in turn within each round;
@@ -86,7 +86,7 @@ def main() -> None:
     lines = [
         f"One training step of a {args.method} LLaMA (AdamW), batch {args.batch_size} x {args.seq_len} tokens, "
         f"{'bf16 on CUDA' if torch.cuda.is_available() else 'fp32 on CPU'}: the plain head (`transformers`' "
-        f"logits, then the loss) against the lean head (`recipes/lean_head.py`, chunks of 1024 tokens). Step "
+        f"logits, then the loss) against the lean head (`lsparam/lean_head.py`, chunks of 1024 tokens). Step "
         f"time: median of {args.repeats} rounds, both timed in turn in one process. Peak: each alone in a fresh "
         f"process (`lsparam.memory.measure`).",
         "",

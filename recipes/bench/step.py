@@ -3,11 +3,12 @@
 LLaMA-20M and -60M shapes (the papers' 32000-token vocabulary), batch x 256 tokens, fp32 on CPU (bf16
 on CUDA), each method at its per-size defaults x {AdamW with 32-bit states, 8-bit states with per-layer
 updates} (AdamW is LeanOptimizer's default, torch's fused kernel; ``--unfused`` adds
-the unfused loop for comparison). Speed: all configurations of a size are built in one fresh process,
+the unfused loop for comparison). The loss is computed by the lean output head (``lsparam.lean_head``,
+the recipe's default) unless ``--head plain``. Speed: all configurations of a size are built in one fresh process,
 warmed up (``--warmup`` steps), then timed in turn for ``--repeats`` rounds (median reported), so a slow
 spell of the shared machine hits every ratio alike. Memory: each configuration alone in a fresh process,
 one step after warm-up measured by ``lsparam.memory.measure``. With
-``--compile`` the models of the first size are also run under ``torch.compile`` (AdamW only; the whole
+``--compile`` every size's models are also run under ``torch.compile`` (AdamW only; the whole
 model, one graph for every method), to show what compiling changes; their ratios are to compiled
 full-rank.
 
@@ -35,6 +36,10 @@ METHODS = list(PRESET_METHODS)
 OPTIMIZERS = {"adamw": (32, False, {}), "8bit-per-layer": (8, True, {}), "adamw-unfused": (32, False, {"foreach": False})}
 
 
+HEADS = {"lean": "the lean output head (`lsparam.lean_head`, the recipe's default)",
+         "plain": "transformers' plain output head"}
+
+
 def build_step(size: str, method: str, optimizer: str, compiled: bool, args):
     """A model of ``size`` with ``method`` and its optimizer; returns (one training step, parameter count)."""
     import torch
@@ -44,7 +49,7 @@ def build_step(size: str, method: str, optimizer: str, compiled: bool, args):
     bits, per_layer, extra = OPTIMIZERS[optimizer]
     built = build_training_step(size, method, batch_size=args.batch_size, seq_len=args.seq_len, state_bits=bits,
                                 per_layer=per_layer, optimizer_kwargs=extra, compiled=compiled,
-                                dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+                                lean_head=args.head == "lean", dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     return built.step, built.parameter_count
 
 
@@ -122,7 +127,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="also time each method under torch.compile (AdamW, first size)")
+    parser.add_argument("--compile", action="store_true", help="also time each method under torch.compile (AdamW)")
+    parser.add_argument("--head", choices=["lean", "plain"], default="lean",
+                        help="the LM head and loss: lean (chunked, the recipe's default) or transformers' plain one")
     parser.add_argument("--unfused", action="store_true", help="also time AdamW's unfused loop (first size)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
@@ -136,7 +143,7 @@ def main() -> None:
         return
 
     flags = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
-             "--repeats", str(args.repeats)]
+             "--repeats", str(args.repeats), "--head", args.head]
 
     def in_child(mode: str, payload):
         out = run_module("recipes.bench.step", "--child", mode, json.dumps(payload), *flags)
@@ -147,9 +154,9 @@ def main() -> None:
     results = []
     for size in args.sizes:
         runs = [(size, m, o, False) for m in args.methods for o in args.optimizers]
-        if size == args.sizes[0]:  # the extra rows for one size only: compiling takes minutes per model on CPU
+        runs += [(size, m, "adamw", True) for m in args.methods if args.compile]
+        if size == args.sizes[0]:  # the unfused loop for one size only: it shows what the fused kernel buys
             runs += [(size, m, "adamw-unfused", False) for m in args.methods if args.unfused]
-            runs += [(size, m, "adamw", True) for m in args.methods if args.compile]
         timed = in_child("time", runs)
         for run, result in zip(runs, timed):
             result.update(in_child("memory", run))
@@ -164,6 +171,7 @@ def main() -> None:
     lines = [
         (f"One training step (forward, backward, update) of a LLaMA of the papers' shapes (32000-token vocabulary), "
         f"batch {args.batch_size} x {args.seq_len} tokens, {'bf16 on CUDA' if torch_cuda() else 'fp32 on CPU'}, "
+        f"{HEADS[args.head]}, "
         f"{results[0]['threads']} threads. Tokens/s: the median of {args.repeats} rounds after {args.warmup} warm-up steps, "
         f"every configuration of a size timed in turn in each round (one process per size). Peak memory: each "
         f"configuration alone in a fresh process, one step measured with `lsparam.memory.measure`. Ratios "

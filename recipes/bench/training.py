@@ -33,7 +33,7 @@ def build_training_step(size: str, method: str, *, batch_size: int, seq_len: int
     (``method_config``), AdamW in ``LeanOptimizer`` and one random batch, on CUDA when there is one.
 
     ``dtype`` defaults to float32; ``compiled`` runs the forward under ``torch.compile``; ``lean_head``
-    computes the loss with ``recipes.lean_head`` (no full logits).
+    computes the loss with ``lsparam.lean_head`` (no full logits).
     """
     from transformers import AutoModelForCausalLM
 
@@ -49,7 +49,7 @@ def build_training_step(size: str, method: str, *, batch_size: int, seq_len: int
     if settings is not None:
         lsparam.parametrize(model, settings, progress=False)
     if lean_head:
-        from recipes.lean_head import use_lean_head
+        from lsparam.lean_head import use_lean_head
 
         use_lean_head(model)
     optimizer = lsparam.optim.LeanOptimizer(model, torch.optim.AdamW, lr=lr, per_layer=per_layer,

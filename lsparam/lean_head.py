@@ -80,19 +80,31 @@ def _loss_and_grads(states, weight, targets, chunk_tokens: int, with_grads: bool
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and both gradients chunk by chunk; backward scales them by the incoming
-    gradient of the loss (a scalar)."""
+    gradient of the loss (a scalar), in place, and hands them on.
+
+    The gradients are kept on ``ctx`` rather than through ``save_for_backward`` so that backward can
+    drop its own reference: the tensor it returns is then autograd's alone, and becomes the head's
+    ``.grad`` without a copy (with ``save_for_backward`` the node would hold it until backward ends, so
+    a second ``vocabulary × hidden`` tensor would exist while the head's gradient is accumulated). Neither
+    tensor has a ``grad_fn``, so holding them on ``ctx`` makes no reference cycle.
+    """
 
     @staticmethod
     def forward(ctx, states, weight, targets, chunk_tokens: int):
         loss, grad_states, grad_weight = _loss_and_grads(states, weight, targets, chunk_tokens, with_grads=True)
-        ctx.save_for_backward(grad_states, grad_weight.to(weight.dtype))
+        ctx.grads = (grad_states, grad_weight.to(weight.dtype))
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grad_states, grad_weight = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("the lean head's backward runs once per forward: its gradients were handed on the "
+                               "first time (a second backward with retain_graph=True is not supported)")
+        grad_states, grad_weight = ctx.grads
+        ctx.grads = None  # handed on, not kept
         scale = grad_loss.to(grad_states.dtype)
-        return grad_states * scale, grad_weight * scale, None, None
+        return grad_states.mul_(scale), grad_weight.mul_(scale), None, None
 
 
 def use_lean_head(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.nn.Module:
@@ -110,10 +122,10 @@ def use_lean_head(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKE
                          f"{type(model).__name__} with lm_head={head!r}")
     plain = model.forward
 
-    def forward(self, input_ids=None, labels=None, use_cache=False, **kwargs):
+    def forward(self, input_ids=None, labels=None, **kwargs):
         if labels is None:
-            return plain(input_ids=input_ids, use_cache=use_cache, **kwargs)
-        hidden = self.model(input_ids=input_ids, use_cache=use_cache, **kwargs).last_hidden_state
+            return plain(input_ids=input_ids, **kwargs)
+        hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
         return CausalLMOutputWithPast(loss=causal_lm_loss(hidden, self.lm_head.weight, labels, chunk_tokens))
 
     model.forward = types.MethodType(forward, model)
