@@ -60,7 +60,12 @@ def _loss_and_grads(states, weight, targets, chunk_tokens: int, with_grads: bool
     denominator = count.clamp(min=1).to(exact)
     total = torch.zeros((), dtype=exact, device=states.device)
     grad_states = torch.empty_like(states) if with_grads else None
-    grad_weight = torch.zeros(weight.shape, dtype=exact, device=weight.device) if with_grads else None
+    # several chunks' head gradients are summed in fp32 (or fp64); one chunk's is made in the weight's
+    # dtype directly, as the plain path makes it, without a vocabulary x hidden fp32 buffer
+    one_chunk = states.shape[0] <= chunk_tokens
+    grad_weight = None
+    if with_grads and not one_chunk:
+        grad_weight = torch.zeros(weight.shape, dtype=exact, device=weight.device)
     for start in range(0, states.shape[0], chunk_tokens):
         rows, target = states[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         logits = F.linear(rows, weight).to(exact)  # in the model's dtype, then upcast: as the plain path
@@ -74,7 +79,12 @@ def _loss_and_grads(states, weight, targets, chunk_tokens: int, with_grads: bool
             grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1
             grad.mul_((kept / denominator)[:, None])
             grad_states[start:start + chunk_tokens] = grad.to(weight.dtype) @ weight
-            grad_weight.addmm_(grad.t(), rows.to(exact))
+            if one_chunk:
+                grad_weight = grad.to(weight.dtype).t() @ rows
+            else:
+                grad_weight.addmm_(grad.t(), rows.to(exact))
+            del grad
+        del logits  # before the next chunk's logits exist, not after
     return total / denominator, grad_states, grad_weight
 
 

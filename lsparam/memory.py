@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from lsparam.api import parametrize, structured_layers
 from lsparam.extras import require
 from lsparam.lean_head import DEFAULT_CHUNK_TOKENS, use_lean_head
+from lsparam.optim.lean import STEP_BLOCK_ELEMENTS
 from lsparam.optim.lowbit import state_bytes
 from lsparam.presets import llama_config, method_config
 from lsparam.sparse import native
@@ -281,21 +282,18 @@ def estimate(
     if config is not None:
         breakdown.activations = _activations(config, method, dtype, batch_size, seq_len, activation_checkpointing,
                                              device, lean_head)
-        if lean_head:  # the last chunk's fp32 logits and logsumexp's temporary, on top of nearly every
-            # activation; below fp32 the head's gradient also exists in fp32 before its saved copy is made
-            chunk = min(DEFAULT_CHUNK_TOKENS, batch_size * (seq_len - 1))
-            backward_transient = 2 * chunk * config.vocab_size * 4
-            if itemsize < 4:
-                backward_transient += config.vocab_size * config.hidden_size * 4
+        if lean_head:
+            backward_transient = _lean_head_transient(config, batch_size * (seq_len - 1), itemsize)
         else:  # backward starts from the gradient of the logits, as large as the logits themselves
             backward_transient = batch_size * seq_len * config.vocab_size * 4
     else:
         breakdown.notes.append("no transformers config: activations not estimated")
     # optimizer step temporaries, per parameter updated (measured, docs/benchmarks.md): none for torch's
     # fused kernel; its single-tensor loop makes about two the size of the parameter (AdamW) or one
-    # (SGD); torchao's compiled low-bit step about one fp32 copy
+    # (SGD); torchao's compiled low-bit step two fp32 copies of what it updates, which LeanOptimizer
+    # bounds by updating large tensors in blocks of rows (STEP_BLOCK_ELEMENTS)
     if state_bits != 32:
-        step_transient = largest * 4
+        step_transient = 2 * 4 * min(largest, STEP_BLOCK_ELEMENTS)
     elif fused:
         step_transient = 0
     else:
@@ -303,13 +301,17 @@ def estimate(
 
     resident = breakdown.parameters + breakdown.optimizer_states + breakdown.sparse_indices
     if per_layer:  # updates run inside backward, while the activations are still alive
-        during_backward = breakdown.gradients + step_transient
-        # the lean head's chunk exists at the end of the forward, before any gradient; the plain head's
-        # logits gradient is where backward starts
-        extra = max(backward_transient, during_backward) if lean_head else backward_transient + during_backward
-        breakdown.transient = extra - breakdown.gradients
-        breakdown.total = resident + breakdown.activations + extra
         breakdown.peak_phase = "backward"
+        if lean_head:
+            # the head's gradient is among the activations (made in the forward, handed on without a copy);
+            # three moments: the forward's last chunk, the head's update as backward starts, and the last
+            # update (the embedding's: its gradient, with nearly every activation freed)
+            breakdown.transient = max(backward_transient, step_transient)
+            extra = max(breakdown.activations + breakdown.transient, breakdown.gradients + step_transient)
+        else:  # the logits' gradient starts backward, and the head's gradient and update follow
+            breakdown.transient = backward_transient + step_transient
+            extra = breakdown.activations + breakdown.gradients + breakdown.transient
+        breakdown.total = resident + extra
         return breakdown
     backward_peak = resident + breakdown.activations + backward_transient
     step_peak = resident + breakdown.gradients + step_transient
@@ -318,6 +320,20 @@ def estimate(
     else:
         breakdown.total, breakdown.peak_phase, breakdown.transient = step_peak, "optimizer step", step_transient
     return breakdown
+
+
+def _lean_head_transient(config, predicted_tokens: int, itemsize: int) -> int:
+    """Bytes the chunked head holds at its peak beyond the activations (which count its two gradients).
+
+    A chunk's fp32 logits, and while ``logsumexp`` runs a temporary as large. With one chunk the head's
+    gradient is made after that temporary is freed (measured on CPU at 1, 2 and 4 sequences of 256
+    tokens); with several, its fp32 sum exists from the first chunk on (below fp32 beside the copy kept).
+    """
+    logits = min(DEFAULT_CHUNK_TOKENS, predicted_tokens) * config.vocab_size * 4
+    head = config.vocab_size * config.hidden_size
+    if predicted_tokens <= DEFAULT_CHUNK_TOKENS:
+        return max(2 * logits - head * itemsize, logits)
+    return 2 * logits + (head * 4 if itemsize < 4 else 0)
 
 
 # ---- measuring -----------------------------------------------------------------------------------

@@ -96,3 +96,18 @@ def test_a_second_backward_through_the_lean_head_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once per forward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("chunk", [4, 1024])  # several chunks (fp32 sums), one chunk (made in bf16)
+def test_in_bf16_the_gradients_are_the_float64_ones_to_bf16_precision(chunk):
+    generator = torch.Generator().manual_seed(0)
+    hidden64 = torch.randn(2, 9, 16, dtype=torch.float64, generator=generator)
+    weight64 = torch.randn(40, 16, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 40, (2, 9), generator=generator)
+    exact = torch.autograd.grad(plain_loss(hidden64.requires_grad_(), weight64.requires_grad_(), labels), (hidden64, weight64))
+    hidden = hidden64.detach().bfloat16().requires_grad_()
+    weight = weight64.detach().bfloat16().requires_grad_()
+    got = torch.autograd.grad(causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk), (hidden, weight))
+    for g, e in zip(got, exact):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), e, rtol=2e-2, atol=2e-3)

@@ -32,6 +32,10 @@ from lsparam.optim.lowbit import (
 )
 
 _STATE_BITS = (32, 8, 4)
+# torchao's low-bit step dequantises the whole tensor it updates into float32 temporaries: for the
+# embedding or head of a LLaMA (32000 x hidden) that is the largest transient of a per-layer step.
+# Tensors above this many elements are updated in blocks of rows of about this size instead.
+STEP_BLOCK_ELEMENTS = 1 << 22
 
 
 def _no_decay(module: nn.Module) -> bool:
@@ -127,10 +131,12 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._proxies = {}  # id(parameter) -> (parameter, the padded flat Parameter the inner optimizer updates)
         # what each inner optimizer updates: the parameter itself, or a padded proxy of it (see _stepped)
         self._targets = [self._stepped(p, inner_cls) for p in self._params]
-        target_of = dict(zip(map(id, self._params), self._targets))
+        # and what the inner optimizers update of each: the target, or views of its blocks of rows
+        self._pieces = [self._blocks(t, inner_cls) for t in self._targets]
+        pieces_of = dict(zip(map(id, self._params), self._pieces))
         if per_layer:  # one inner optimizer per parameter, with its group's options
             self._inner = [
-                inner_cls([{**options, "params": [target_of[id(p)]]}], **self.defaults)
+                inner_cls([{**options, "params": pieces_of[id(p)]}], **self.defaults)
                 for options in self.param_groups
                 for p in options["params"]
             ]
@@ -138,7 +144,8 @@ class LeanOptimizer(torch.optim.Optimizer):
                 p.register_post_accumulate_grad_hook(self._per_layer_hook(i))
         else:
             # one inner optimizer, with every group's options
-            stepped = [{**options, "params": [target_of[id(p)] for p in options["params"]]} for options in self.param_groups]
+            stepped = [{**options, "params": [piece for p in options["params"] for piece in pieces_of[id(p)]]}
+                       for options in self.param_groups]
             self._inner = [inner_cls(stepped, **self.defaults)]
             # proxied parameters pass each gradient on to their proxy as soon as it is accumulated, so
             # clipping, loss scalers (GradScaler.unscale_) and the update all see it in param_groups
@@ -171,6 +178,34 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._proxies[id(param)] = (param, proxy)
         return proxy
 
+    def _blocks(self, target: torch.Tensor, inner_cls) -> list[torch.Tensor]:
+        """``[target]``, or for a low-bit state of more than ``STEP_BLOCK_ELEMENTS`` elements, Parameters
+        that view its consecutive blocks of rows (same storage: an update of a block is an update of the
+        target). Each block is whole quantisation blocks, so torchao keeps its state in low bits too."""
+        if self.state_bits == 32 or target.numel() <= STEP_BLOCK_ELEMENTS or target.dim() < 2 or _is_sharded(target):
+            return [target]
+        quantum = self.defaults.get("block_size", default_block_size(inner_cls))
+        row = target[0].numel()
+        if target.numel() % quantum:
+            return [target]  # torchao keeps it in full precision anyway (and _stepped pads only small ones)
+        multiple = quantum // math.gcd(row, quantum)  # rows per block must make whole quantisation blocks
+        rows = max(multiple, STEP_BLOCK_ELEMENTS // row // multiple * multiple)
+        starts = list(range(0, target.shape[0], rows))
+        if len(starts) > 1 and (target.shape[0] - starts[-1]) * row < MIN_LOWBIT_NUMEL:
+            starts.pop()  # a last block too small for low-bit state joins the one before it
+        ends = [*starts[1:], target.shape[0]]
+        return [nn.Parameter(target.detach()[a:b], requires_grad=target.requires_grad) for a, b in zip(starts, ends)]
+
+    def _hand_gradients_to_blocks(self, index: int) -> None:
+        """Give each block of target ``index`` its rows of the target's gradient (views: no copy)."""
+        target, pieces = self._targets[index], self._pieces[index]
+        if len(pieces) == 1 or target.grad is None:
+            return
+        start = 0
+        for piece in pieces:
+            piece.grad = target.grad[start:start + piece.shape[0]]
+            start += piece.shape[0]
+
     def _move_gradient(self, param: torch.Tensor) -> None:
         """Add a proxied parameter's gradient into its padded proxy's gradient."""
         if id(param) not in self._proxies or param.grad is None:
@@ -201,8 +236,10 @@ class LeanOptimizer(torch.optim.Optimizer):
             self._scale_accumulated([target])
             if self.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_([target], self.clip_norm)
+            self._hand_gradients_to_blocks(index)
             self._inner[index].step()
             self._inner[index].zero_grad(set_to_none=True)
+            target.grad = None
             param.grad = None
 
         return hook
@@ -223,6 +260,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._scale_accumulated(with_grad)
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(with_grad, self.clip_norm)  # a proxy's padding adds nothing to a norm
+        for index in range(len(self._targets)):
+            self._hand_gradients_to_blocks(index)
         self._inner[0].step()
         return loss
 
@@ -236,6 +275,11 @@ class LeanOptimizer(torch.optim.Optimizer):
         if self._micro_steps[None] % self.accumulation_steps == 0:
             for t in self._targets:
                 t.grad = None if set_to_none else (t.grad.zero_() if t.grad is not None else None)
+            if set_to_none:  # blocks view their target's gradient: they let it go with it
+                for pieces in self._pieces:
+                    if len(pieces) > 1:
+                        for piece in pieces:
+                            piece.grad = None
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -293,7 +337,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         if not isinstance(inner, list) or len(inner) != len(self._inner):
             raise ValueError(f"optimizer state_dict holds {len(inner) if isinstance(inner, list) else inner!r} inner "
                              f"optimizer states; this optimizer has {len(self._inner)}")
-        owners = {id(t): i for i, t in enumerate(self._targets)}
+        owners = {id(piece): i for i, pieces in enumerate(self._pieces) for piece in pieces}
         for optimizer, saved in zip(self._inner, inner):
             live = [p for group in optimizer.param_groups for p in group["params"]]
             saved_groups = saved.get("param_groups", [])
