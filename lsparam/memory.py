@@ -133,7 +133,7 @@ def _build_shape_model(config, method, dtype: torch.dtype, layers: int | None = 
 def _sparse_path(config, device: torch.device, dtype: torch.dtype) -> str:
     """The SLTrain path whose saved tensors a run on ``device`` in ``dtype`` would have: ``"gather"``
     saves ``x``, ``x Aᵀ`` and the factors; the CSR, scatter and 2:4 paths save what ``"scatter"`` does
-    (``x`` and the values for the sparse part, the low-rank GEMMs' inputs: ``x``, ``x Aᵀ`` and ``s·B``)."""
+    (``x`` and the values for the sparse part, the low-rank GEMMs' inputs: ``x`` and ``s·x Aᵀ``)."""
     backend = config.sparse_backend
     if backend == "auto":
         backend = resolve_backend("auto", device, dtype, config.density)

@@ -170,7 +170,8 @@ class SLTrainParametrization(StructuredParametrization):
         backend = self.backend_for(x)
         if backend == "gather":
             return _GatherSLTrainLinear.apply(x, B, A, values, self.support, self.scale)
-        low_rank = F.linear(F.linear(x, A), B * self.scale)
+        # the scale on the r-wide hidden, not on B: backward then keeps no out×r copy s·B
+        low_rank = F.linear(F.linear(x, A) * self.scale, B)
         return low_rank + sparse_linear(x, values, self.support, backend)
 
     def extra_repr(self) -> str:
