@@ -308,9 +308,10 @@ def estimate(
             # update (the embedding's: its gradient, with nearly every activation freed)
             breakdown.transient = max(backward_transient, step_transient)
             extra = max(breakdown.activations + breakdown.transient, breakdown.gradients + step_transient)
-        else:  # the logits' gradient starts backward, and the head's gradient and update follow
-            breakdown.transient = backward_transient + step_transient
-            extra = breakdown.activations + breakdown.gradients + breakdown.transient
+        else:  # the logits' gradient starts backward; by the head's update the saved fp32 logits (as large
+            # as that gradient) are freed, and the head's gradient and the step's temporaries exist instead
+            breakdown.transient = max(backward_transient, breakdown.gradients + step_transient - backward_transient)
+            extra = breakdown.activations + breakdown.transient
         breakdown.total = resident + extra
         return breakdown
     backward_peak = resident + breakdown.activations + backward_transient
