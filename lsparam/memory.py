@@ -236,7 +236,7 @@ def estimate(
         >>> round(full.parameter_count / 1e6, 1), round(lean.parameter_count / 1e6, 1)
         (58.1, 43.5)
         >>> round(lean.total / full.total, 2)  # measured on CPU: the memory section of docs/benchmarks.md
-        0.57
+        0.49
     """
     dtype = _DTYPES.get(param_dtype, param_dtype)
     if not isinstance(dtype, torch.dtype):
