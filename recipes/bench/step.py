@@ -4,9 +4,9 @@ LLaMA-20M and -60M shapes (the papers' 32000-token vocabulary), batch x 256 toke
 on CUDA), each method at its per-size defaults x {AdamW with 32-bit states, 8-bit states with per-layer
 updates} (AdamW is LeanOptimizer's default, torch's fused kernel; ``--unfused`` adds
 the unfused loop for comparison). The loss is computed by the lean output head (``lsparam.lean_head``,
-the recipe's default) unless ``--head plain``. Speed: all configurations of a size are built in one fresh process,
-warmed up (``--warmup`` steps), then timed in turn for ``--repeats`` rounds (median reported), so a slow
-spell of the shared machine hits every ratio alike. Memory: each configuration alone in a fresh process,
+the recipe's default) unless ``--head plain``. Speed: the methods of a size with one optimizer (and mode) are
+built in one fresh process, warmed up (``--warmup`` steps), then timed in turn for ``--repeats`` rounds (median
+reported), so a slow spell of the shared machine hits their ratios alike. Memory: each configuration alone in a fresh process,
 one step after warm-up measured by ``lsparam.memory.measure``. With
 ``--compile`` every size's models are also run under ``torch.compile`` (AdamW only; the whole
 model, one graph for every method), to show what compiling changes; their ratios are to compiled
@@ -31,7 +31,7 @@ import time
 from lsparam.presets import METHODS as PRESET_METHODS
 from recipes.bench import run_module
 
-METHODS = list(PRESET_METHODS)
+METHODS = [*PRESET_METHODS, "cola-m"]  # cola-m: CoLA with its r-wide activations recomputed in backward
 # name -> (state bits, per-layer updates, extra keywords); "adamw-unfused" shows what the fused default buys
 OPTIMIZERS = {"adamw": (32, False, {}), "8bit-per-layer": (8, True, {}), "adamw-unfused": (32, False, {"foreach": False})}
 
@@ -153,11 +153,15 @@ def main() -> None:
 
     results = []
     for size in args.sizes:
-        runs = [(size, m, o, False) for m in args.methods for o in args.optimizers]
-        runs += [(size, m, "adamw", True) for m in args.methods if args.compile]
-        if size == args.sizes[0]:  # the unfused loop for one size only: it shows what the fused kernel buys
-            runs += [(size, m, "adamw-unfused", False) for m in args.methods if args.unfused]
-        timed = in_child("time", runs)
+        # one timing process per optimizer and mode: a process holding every configuration of a 130M model
+        # (17 GB with the compiled ones) ran each of them 2.5x slower than one holding a few
+        groups = [[(size, m, o, False) for m in args.methods] for o in args.optimizers]
+        if args.compile:
+            groups.append([(size, m, "adamw", True) for m in args.methods])
+        if args.unfused and size == args.sizes[0]:  # for one size only: it shows what the fused kernel buys
+            groups.append([(size, m, "adamw-unfused", False) for m in args.methods])
+        runs = [run for group in groups for run in group]
+        timed = [result for group in groups for result in in_child("time", group)]
         for run, result in zip(runs, timed):
             result.update(in_child("memory", run))
             results.append(result)
@@ -173,7 +177,7 @@ def main() -> None:
         f"batch {args.batch_size} x {args.seq_len} tokens, {'bf16 on CUDA' if torch_cuda() else 'fp32 on CPU'}, "
         f"{HEADS[args.head]}, "
         f"{results[0]['threads']} threads. Tokens/s: the median of {args.repeats} rounds after {args.warmup} warm-up steps, "
-        f"every configuration of a size timed in turn in each round (one process per size). Peak memory: each "
+        f"the methods of a size timed in turn in each round (one process per size and optimizer or mode). Peak memory: each "
         f"configuration alone in a fresh process, one step measured with `lsparam.memory.measure`. Ratios "
         f"are to full-rank AdamW (32-bit states) of the same size, in the same run; compiled rows to compiled "
         f"full-rank."),

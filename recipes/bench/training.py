@@ -7,6 +7,7 @@ their models here, so both measure the same thing; ``recipes/bench/quality/`` tr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,7 +31,7 @@ def build_training_step(size: str, method: str, *, batch_size: int, seq_len: int
                         optimizer_kwargs: dict | None = None, lr: float = 1e-3, seed: int = 0,
                         lean_head: bool = False) -> TrainingStep:
     """A ``size`` LLaMA (``lsparam.presets.llama_config``) with ``method`` at its per-size defaults
-    (``method_config``), AdamW in ``LeanOptimizer`` and one random batch, on CUDA when there is one.
+    (``method_config``; ``"cola-m"`` is CoLA with ``checkpoint=True``), AdamW in ``LeanOptimizer`` and one random batch, on CUDA when there is one.
 
     ``dtype`` defaults to float32; ``compiled`` runs the forward under ``torch.compile``; ``lean_head``
     computes the loss with ``lsparam.lean_head`` (no full logits).
@@ -45,7 +46,9 @@ def build_training_step(size: str, method: str, *, batch_size: int, seq_len: int
     dtype = dtype or torch.float32
     config = llama_config(size)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(device)
-    settings = method_config(method, size)
+    settings = method_config(method.removesuffix("-m"), size)
+    if method == "cola-m":  # CoLA with its r-wide activations recomputed in backward (CoLAConfig.checkpoint)
+        settings = dataclasses.replace(settings, checkpoint=True)
     if settings is not None:
         lsparam.parametrize(model, settings, progress=False)
     if lean_head:
