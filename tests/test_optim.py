@@ -381,3 +381,22 @@ def test_row_blocks_bound_the_step_temporary_and_resume_exactly(tmp_path, monkey
     opt_second.load_state_dict(saved["opt"])
     for g, e in zip(embedding_train(second, opt_second, steps=2, seed=5), expected):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_blocks_hold_their_rows_of_the_gradient_as_soon_as_backward_made_it(monkeypatch):
+    """What sees param_groups between backward and step (GradScaler.unscale_, clipping by a user) sees the
+    blocks' gradients: views of the parameter's, so scaling them in place scales it."""
+    monkeypatch.setattr(lsparam.optim.lean, "STEP_BLOCK_ELEMENTS", 8192)
+    model = embedding_model()
+    optimizer = LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, state_bits=8)
+    model(torch.randint(0, 512, (4, 16))).pow(2).mean().backward()
+    weight = model[0].weight
+    blocks = optimizer._pieces[0]
+    assert len(blocks) == 4 and all(b.grad is not None for b in blocks)
+    torch.testing.assert_close(torch.cat([b.grad for b in blocks]), weight.grad, rtol=0, atol=0)
+    expected = weight.grad * 0.5
+    for group in optimizer.param_groups:  # what GradScaler.unscale_ does
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.mul_(0.5)
+    torch.testing.assert_close(weight.grad, expected, rtol=0, atol=0)

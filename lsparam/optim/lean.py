@@ -151,6 +151,12 @@ class LeanOptimizer(torch.optim.Optimizer):
             # clipping, loss scalers (GradScaler.unscale_) and the update all see it in param_groups
             for p, _ in self._proxies.values():
                 p.register_post_accumulate_grad_hook(self._move_gradient)
+            # and blocked ones give each block its rows of the gradient as soon as it exists, for the same
+            # reason (a block, not its parameter, is what param_groups hold)
+            for index, pieces in enumerate(self._pieces):
+                if len(pieces) > 1:
+                    self._targets[index].register_post_accumulate_grad_hook(
+                        lambda _, index=index: self._hand_gradients_to_blocks(index))
         # The wrapper's groups ARE the inner optimizers' groups: a scheduler edits what the updates use.
         self.param_groups = [group for inner in self._inner for group in inner.param_groups]
 
