@@ -1,6 +1,7 @@
 """The memory ledger: counts against real models, bytes against the formulas, the CLI."""
 
 import contextlib
+import json
 import math
 
 import pytest
@@ -226,6 +227,14 @@ def test_cli_prints_every_method_and_marks_the_chosen_row(capsys):
     assert len(marked) == 1 and marked[0].split()[:3] == ["sltrain", "8", "yes"]
     full_paper = float(rows[0].split()[-2])
     assert full_paper == pytest.approx(estimate("llama_60m", "full").paper / 2**30, abs=0.006)
+
+
+def test_cli_lean_head_prints_the_ledger_of_the_chunked_head(capsys):
+    assert main(["memory", "--model", "llama_60m", "--lean-head", "--batch-size", "32", "--json"]) == 0
+    rows = {(r["method"], r["state_bits"], r["per_layer"]): r for r in json.loads(capsys.readouterr().out)}
+    expected = estimate("llama_60m", "sltrain", batch_size=32, lean_head=True)
+    assert rows[("sltrain", 32, False)]["total"] == expected.total
+    assert expected.total < estimate("llama_60m", "sltrain", batch_size=32).total  # no full logits
 
 
 def test_cli_help_explains_every_column(capsys):
