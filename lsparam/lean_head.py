@@ -78,12 +78,13 @@ def _loss_and_grads(states, weight, targets, chunk_tokens: int, with_grads: bool
             grad = logits.sub_(log_norm[:, None]).exp_()
             grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1
             grad.mul_((kept / denominator)[:, None])
-            grad_states[start:start + chunk_tokens] = grad.to(weight.dtype) @ weight
+            grad_in_weight_dtype = grad.to(weight.dtype)  # a copy below fp32: made once per chunk
+            grad_states[start:start + chunk_tokens] = grad_in_weight_dtype @ weight
             if one_chunk:
-                grad_weight = grad.to(weight.dtype).t() @ rows
+                grad_weight = grad_in_weight_dtype.t() @ rows
             else:
                 grad_weight.addmm_(grad.t(), rows.to(exact))
-            del grad
+            del grad, grad_in_weight_dtype
         del logits  # before the next chunk's logits exist, not after
     return total / denominator, grad_states, grad_weight
 

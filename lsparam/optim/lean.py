@@ -266,8 +266,6 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._scale_accumulated(with_grad)
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(with_grad, self.clip_norm)  # a proxy's padding adds nothing to a norm
-        for index in range(len(self._targets)):
-            self._hand_gradients_to_blocks(index)
         self._inner[0].step()
         return loss
 
@@ -334,6 +332,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         for i, target in enumerate(self._targets):
             grad = pending.get(str(i))
             target.grad = None if grad is None else grad.to(device=target.device, dtype=target.dtype).clone()
+            self._hand_gradients_to_blocks(i)  # set here without backward, so without its hook
 
     def _check_loadable(self, state_dict: dict) -> None:
         """Refuse, before anything is loaded, a state saved for other parameters: every state tensor and

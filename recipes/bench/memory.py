@@ -18,7 +18,7 @@ import json
 import sys
 import time
 
-from recipes.bench import run_module
+from recipes.bench import HEADS, add_head_flag, run_module
 
 RUNS = [  # (method, state bits, per-layer)
     ("full", 32, False),
@@ -31,9 +31,6 @@ RUNS = [  # (method, state bits, per-layer)
     ("lost", 8, True),
     ("cola", 8, True),
 ]
-
-
-HEADS = {"lean": "the lean output head (`lsparam.lean_head`)", "plain": "transformers' plain output head"}
 
 
 def one_run(size: str, method: str, bits: int, per_layer: bool, batch_size: int, seq_len: int, head: str) -> dict:
@@ -60,8 +57,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["llama_60m", "llama_130m"])
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--head", choices=["lean", "plain"], default="lean",
-                        help="the LM head and loss: lean (chunked, the recipe's default) or transformers' plain one")
+    add_head_flag(parser)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()

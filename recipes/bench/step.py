@@ -29,15 +29,11 @@ import sys
 import time
 
 from lsparam.presets import METHODS as PRESET_METHODS
-from recipes.bench import run_module
+from recipes.bench import HEADS, add_head_flag, run_module
 
 METHODS = [*PRESET_METHODS, "cola-m"]  # cola-m: CoLA with its r-wide activations recomputed in backward
 # name -> (state bits, per-layer updates, extra keywords); "adamw-unfused" shows what the fused default buys
 OPTIMIZERS = {"adamw": (32, False, {}), "8bit-per-layer": (8, True, {}), "adamw-unfused": (32, False, {"foreach": False})}
-
-
-HEADS = {"lean": "the lean output head (`lsparam.lean_head`, the recipe's default)",
-         "plain": "transformers' plain output head"}
 
 
 def build_step(size: str, method: str, optimizer: str, compiled: bool, args):
@@ -128,8 +124,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time each method under torch.compile (AdamW)")
-    parser.add_argument("--head", choices=["lean", "plain"], default="lean",
-                        help="the LM head and loss: lean (chunked, the recipe's default) or transformers' plain one")
+    add_head_flag(parser)
     parser.add_argument("--unfused", action="store_true", help="also time AdamW's unfused loop (first size)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")

@@ -46,7 +46,7 @@ def build_training_step(size: str, method: str, *, batch_size: int, seq_len: int
     dtype = dtype or torch.float32
     config = llama_config(size)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(device)
-    settings = method_config(method.removesuffix("-m"), size)
+    settings = method_config("cola" if method == "cola-m" else method, size)
     if method == "cola-m":  # CoLA with its r-wide activations recomputed in backward (CoLAConfig.checkpoint)
         settings = dataclasses.replace(settings, checkpoint=True)
     if settings is not None:

@@ -27,6 +27,12 @@ def plot_ratios(series: dict, target: Path) -> Path:
     ax.set_title("Each method against tuned full-rank AdamW")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    return _save(fig, target)
+
+
+def _save(fig, target: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=110)
@@ -57,11 +63,7 @@ def plot_curves(table: dict, tokens: int, target: Path, model: str) -> Path:
     ax.set_title(f"{model}, {tokens:,} tokens of the corpus (seed 0)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-    return target
+    return _save(fig, target)
 
 
 def write_figures(results: list[Result], methods, figures: Path, model: str) -> list[tuple[str, Path]]:
