@@ -16,8 +16,10 @@
 // running sums per row in the forward, and threads sharing one transposed block (a barrier per block
 // cost a quarter of the time).
 //
-// Vectors are GCC/Clang vector extensions of 64 bytes: AVX-512 where the CPU has it, else split by the
-// compiler into AVX2 or SSE halves. Built at first use by lsparam/sparse/native.py, called through ctypes.
+// Vectors are GCC/Clang vector extensions as wide as the CPU's registers: 64 bytes with AVX-512, 32 with
+// AVX/AVX2, 16 otherwise. A vector wider than the registers is split by the compiler into halves, and its
+// shuffles into many more instructions: 64-byte vectors on an AVX2 CPU (AMD EPYC Zen 3) ran every product
+// 5-8x slower than 32-byte ones. Built at first use by lsparam/sparse/native.py, called through ctypes.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -25,17 +27,30 @@
 #include <memory>
 #include <omp.h>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
 
+#if defined(__AVX512F__)
+constexpr int64_t VECTOR_BYTES = 64;
+#elif defined(__AVX__)
+constexpr int64_t VECTOR_BYTES = 32;
+#else
+constexpr int64_t VECTOR_BYTES = 16;
+#endif
+
 template <typename T>
 struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(VECTOR_BYTES)));
+  static constexpr int64_t lanes = VECTOR_BYTES / sizeof(T);
 };
 template <typename T>
 using V = typename Vec<T>::type;
+
+// Vectors of tokens per block in spmm_add: 128 bytes of tokens per sparse entry, at most 4 vectors (its
+// 2 x 4 running sums then fill half of AVX2's 16 registers).
+constexpr int64_t SPMM_VECTORS = std::min<int64_t>(4, 128 / VECTOR_BYTES);
 
 // Rows whose sums are kept before they are transposed into the output (or whose gradient columns are
 // transposed in entry_dots): 64 to 256 measured alike.
@@ -52,41 +67,42 @@ std::unique_ptr<T[], FreeDeleter> aligned_vectors(int64_t count) {  // 64-byte a
 
 // Square tiles of L×L scalars (L = lanes) are transposed in registers, L·log2(L) two-source shuffles
 // per tile: a scalar transpose moves one element per load and store, and its stores or its loads stride
-// across L cache lines.
+// across L cache lines. The shuffle masks are compile-time constants, so the compiler picks the ISA's
+// own instructions for each round (unpack, shuffle, lane permutes) instead of general permutes.
 template <typename T>
 struct Transposer {
   static constexpr int64_t L = Vec<T>::lanes;
 #if defined(__clang__)
-  static constexpr bool in_registers = false;  // clang has no variable-mask __builtin_shuffle
+  static constexpr bool in_registers = false;  // clang has no two-source __builtin_shuffle
 #else
   static constexpr bool in_registers = true;
   typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type Index;
-  typedef Index Mask __attribute__((vector_size(64)));
-  Mask low[4], high[4];  // round s (log2(L) <= 4 rounds) swaps off-diagonal blocks of b = L >> (s + 1) lanes
-  Transposer() {
-    for (int64_t s = 0, b = L / 2; b >= 1; ++s, b /= 2)
-      for (int64_t lane = 0; lane < L; ++lane) {
-        low[s][lane] = (lane & b) ? L + lane - b : lane;
-        high[s][lane] = (lane & b) ? L + lane : lane + b;
+  typedef Index Mask __attribute__((vector_size(VECTOR_BYTES)));
+
+  // Round b swaps the off-diagonal blocks of b lanes: rows i and i + b (i & b == 0) become the low
+  // halves of each block pair (lo) and the high halves (hi).
+  template <int64_t b, size_t... lane>
+  static Mask low_mask(std::index_sequence<lane...>) {
+    return Mask{static_cast<Index>((lane & b) ? L + lane - b : lane)...};
+  }
+  template <int64_t b, size_t... lane>
+  static Mask high_mask(std::index_sequence<lane...>) {
+    return Mask{static_cast<Index>((lane & b) ? L + lane : lane + b)...};
+  }
+  template <int64_t b>
+  static void rounds(V<T>* r) {
+    const Mask low = low_mask<b>(std::make_index_sequence<L>()), high = high_mask<b>(std::make_index_sequence<L>());
+    for (int64_t i = 0; i < L; ++i)
+      if (!(i & b)) {
+        const V<T> lo = __builtin_shuffle(r[i], r[i + b], low), hi = __builtin_shuffle(r[i], r[i + b], high);
+        r[i] = lo;
+        r[i + b] = hi;
       }
+    if constexpr (b > 1) rounds<b / 2>(r);
   }
-  void operator()(V<T>* r) const {
-    for (int64_t s = 0, b = L / 2; b >= 1; ++s, b /= 2)
-      for (int64_t i = 0; i < L; ++i)
-        if (!(i & b)) {
-          const V<T> lo = __builtin_shuffle(r[i], r[i + b], low[s]), hi = __builtin_shuffle(r[i], r[i + b], high[s]);
-          r[i] = lo;
-          r[i + b] = hi;
-        }
-  }
+  static void transpose(V<T>* r) { rounds<L / 2>(r); }
 #endif
 };
-
-template <typename T>
-const Transposer<T>& transposer() {
-  static const Transposer<T> instance;
-  return instance;
-}
 
 // dst[j * stride][i] = src[i * ld + j] for i < n, j < m (n, m <= L), zero for i >= n: an n×m tile of a
 // row-major matrix into m vectors.
@@ -97,7 +113,7 @@ void load_transposed(const T* src, int64_t ld, int64_t n, int64_t m, V<T>* dst, 
     if (n == L && m == L) {
       V<T> r[L];
       for (int64_t i = 0; i < L; ++i) std::memcpy(&r[i], src + i * ld, sizeof(V<T>));
-      transposer<T>()(r);
+      Transposer<T>::transpose(r);
       for (int64_t j = 0; j < L; ++j) dst[j * stride] = r[j];
       return;
     }
@@ -117,7 +133,7 @@ void add_transposed(const V<T>* src, int64_t stride, int64_t n, int64_t m, T* ds
     if (n == L && m == L) {
       V<T> r[L];
       for (int64_t j = 0; j < L; ++j) r[j] = src[j * stride];
-      transposer<T>()(r);
+      Transposer<T>::transpose(r);
       for (int64_t i = 0; i < L; ++i) {
         V<T> d;
         std::memcpy(&d, dst + i * ld, sizeof(V<T>));
@@ -176,9 +192,10 @@ T horizontal_sum(const void* v) {
 }
 
 // Each thread takes whole blocks of tokens and transposes its own: no barrier between blocks, and no two
-// threads write one row of out. A block is W vectors of tokens: 2 for spmm_add (each entry's column and
-// value loaded once for 2 vectors: 20-25% faster than 1, and 4 no faster), up to 8 for entry_dots (one
-// horizontal sum per entry and 8 vectors); fewer where a thread would otherwise go without a block.
+// threads write one row of out. A block is W vectors of tokens: SPMM_VECTORS for spmm_add (each entry's
+// column and value loaded once for 128 bytes of tokens: 2 vectors with AVX-512, 20-25% faster than 1 and
+// 4 no faster; 4 with AVX2, 5-10% faster than 2), up to 8 for entry_dots (one horizontal sum per entry and
+// 8 vectors; 16 with AVX2 was slower); fewer where a thread would otherwise go without a block.
 // I is the column index type: uint16_t for layers up to 65,536 wide, else int32_t.
 template <typename T, int64_t W, typename I>
 void spmm_add(const T* x, int64_t ldx, int64_t tokens, int64_t features, const int32_t* crow, const I* col,
@@ -222,8 +239,8 @@ void spmm_add(const T* x, int64_t ldx, int64_t tokens, int64_t features, const i
 template <typename T, typename I>
 void spmm_add(const T* x, int64_t ldx, int64_t tokens, int64_t features, const int32_t* crow, const I* col,
               const T* values, int64_t rows, T* out, int64_t ldo, int threads) {
-  if (token_blocks<T>(tokens, 2) >= threads)
-    return spmm_add<T, 2>(x, ldx, tokens, features, crow, col, values, rows, out, ldo, threads);
+  if (token_blocks<T>(tokens, SPMM_VECTORS) >= threads)
+    return spmm_add<T, SPMM_VECTORS>(x, ldx, tokens, features, crow, col, values, rows, out, ldo, threads);
   spmm_add<T, 1>(x, ldx, tokens, features, crow, col, values, rows, out, ldo, threads);
 }
 
@@ -331,8 +348,12 @@ void entry_dots(const T* grad, int64_t ldg, const T* x, int64_t ldx, int64_t tok
             const V<T>* xc = xt.get() + static_cast<int64_t>(col[k]) * W;
             const V<T>* gr = g.get() + (r - r0) * W;
             V<T> d = gr[0] * xc[0];
-            for (int64_t w = 1; w < W; ++w) d += gr[w] * xc[w];
-            sums[k] += horizontal_sum<T, 64>(&d);
+            if constexpr (W >= 2) {  // two chains of multiply-adds: 2-7% faster than one with AVX2
+              V<T> e = gr[1] * xc[1];
+              for (int64_t w = 2; w < W; w += 2) { d += gr[w] * xc[w]; e += gr[w + 1] * xc[w + 1]; }
+              d += e;
+            }
+            sums[k] += horizontal_sum<T, VECTOR_BYTES>(&d);
           }
         }
       }
