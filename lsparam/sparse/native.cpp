@@ -9,12 +9,12 @@
 // transposed in separate passes. Here each thread transposes its own block of tokens (a few vectors of
 // tokens per column, in L2) with in-register tile transposes, and walks the support row by row: each
 // sparse entry costs one vector load and one fused multiply-add per vector of tokens, summed in registers.
-// Measured on a 2-core Sapphire Rapids VM (recipes/bench/kernels.py): each product takes 0.1-0.3 of one
-// dense GEMM's time at LLaMA shapes, against 0.03 of its FLOPs. What did not pay there: column tiles small
-// enough for L1 (the per-row, per-tile bookkeeping cost more than L2 latency), accumulating in an L1
-// buffer in a flat entry order (one 64-byte store per entry), more than two vectors of tokens or four
-// running sums per row in the forward, and threads sharing one transposed block (a barrier per block
-// cost a quarter of the time).
+// Measured on 2-core VMs (recipes/bench/kernels.py): each product takes 0.1-0.3 of one dense GEMM's time
+// at LLaMA shapes on Intel Sapphire Rapids (AVX-512), 0.07-0.16 on AMD EPYC Zen 3 (AVX2), against 0.03 of
+// its FLOPs. What did not pay on the first: column tiles small enough for L1 (the per-row, per-tile
+// bookkeeping cost more than L2 latency), accumulating in an L1 buffer in a flat entry order (one 64-byte
+// store per entry), more than 128 bytes of tokens or four running sums per row in the forward, and
+// threads sharing one transposed block (a barrier per block cost a quarter of the time).
 //
 // Vectors are GCC/Clang vector extensions as wide as the CPU's registers: 64 bytes with AVX-512, 32 with
 // AVX/AVX2, 16 otherwise. A vector wider than the registers is split by the compiler into halves, and its
@@ -394,6 +394,9 @@ void entry_dots(const T* grad, int64_t ldg, const T* x, int64_t ldx, int64_t tok
                                                  const I* col, int64_t rows, T* out, int threads) {             \
     entry_dots(grad, ldg, x, ldx, tokens, features, crow, col, rows, out, threads);                             \
   }
+
+// The vector width this build uses, in bytes (64 with AVX-512, 32 with AVX/AVX2, 16 otherwise).
+extern "C" int lsparam_vector_bytes() { return static_cast<int>(VECTOR_BYTES); }
 
 LSPARAM_EXPORT(float, f32, uint16_t, u16)
 LSPARAM_EXPORT(float, f32, int32_t, i32)

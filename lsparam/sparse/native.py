@@ -107,7 +107,21 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, f"lsparam_spmm_add_{suffix}").argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, vp, i64, int_]
         getattr(lib, f"lsparam_spmm_t_add_{suffix}").argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, vp, i64, int_]
         getattr(lib, f"lsparam_entry_dots_{suffix}").argtypes = [vp, i64, vp, i64, i64, i64, vp, vp, i64, vp, int_]
+    lib.lsparam_vector_bytes.argtypes, lib.lsparam_vector_bytes.restype = [], int_
     return lib
+
+
+def vector_bytes() -> int:
+    """The width of the kernels' vectors in bytes: 64 where the CPU has AVX-512, 32 with AVX2, else 16
+    (0 where the kernels are not built). The kernels are built for the CPU they run on
+    (``-march=native``); a library built for narrower registers than the CPU's runs several times slower.
+
+    Example:
+        >>> vector_bytes() in (0, 16, 32, 64)
+        True
+    """
+    lib = library()
+    return 0 if lib is None else int(lib.lsparam_vector_bytes())
 
 
 _disabled = False

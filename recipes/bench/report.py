@@ -18,12 +18,23 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEvery figure on this page is written by a script in `recipes/bench/`; each section names the command that produced it.\n"
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the widest vector ISA torch uses on it: the sparse kernels' speed
+    depends on both (e.g. "AMD EPYC, AVX2")."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        name = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     else:
         device = f"CPU only, {os.cpu_count()} cores"
-    return f"{platform.processor() or platform.machine()}, {device}, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{platform.machine()} ({cpu_name()}), {device}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def write_section(name: str, title: str, body: str) -> Path:
