@@ -326,15 +326,20 @@ def estimate(
 def _lean_head_transient(config, predicted_tokens: int, itemsize: int) -> int:
     """Bytes the chunked head holds at its peak beyond the activations (which count its two gradients).
 
-    A chunk's fp32 logits, and while ``logsumexp`` runs a temporary as large. With one chunk the head's
-    gradient is made after that temporary is freed (measured on CPU at 1, 2 and 4 sequences of 256
-    tokens); with several, its fp32 sum exists from the first chunk on (below fp32 beside the copy kept).
+    A chunk's fp32 logits (the softmax and then its gradient are made in their memory); the final hidden
+    states and their shifted copy, the head's input (both alive while the head's forward runs); below
+    fp32, the chunk's logits in the model's dtype beside them as they are upcast (and the gradient's copy
+    in that dtype, as large); with several chunks, also one chunk's input gradient before it is written
+    into place and the fp32 sum of the head's gradient (beside the copy kept). Measured on CPU in fp32
+    at LLaMA-60M, 1, 4 and 8 sequences of 256 tokens (one and two chunks).
     """
-    logits = min(DEFAULT_CHUNK_TOKENS, predicted_tokens) * config.vocab_size * 4
-    head = config.vocab_size * config.hidden_size
-    if predicted_tokens <= DEFAULT_CHUNK_TOKENS:
-        return max(2 * logits - head * itemsize, logits)
-    return 2 * logits + (head * 4 if itemsize < 4 else 0)
+    chunk_tokens = min(DEFAULT_CHUNK_TOKENS, predicted_tokens)
+    several_chunks = predicted_tokens > DEFAULT_CHUNK_TOKENS
+    logits = chunk_tokens * config.vocab_size * 4
+    low_precision_copy = chunk_tokens * config.vocab_size * itemsize if itemsize < 4 else 0
+    hidden_states = (2 * predicted_tokens + (chunk_tokens if several_chunks else 0)) * config.hidden_size * itemsize
+    gradient_sum = config.vocab_size * config.hidden_size * 4 if several_chunks and itemsize < 4 else 0
+    return logits + low_precision_copy + hidden_states + gradient_sum
 
 
 # ---- measuring -----------------------------------------------------------------------------------
