@@ -60,31 +60,36 @@ def num_threads(threads: int):
 
 @needs_native
 @settings(max_examples=60, deadline=None)
-@given(problem=kernel_problems(), transposed_out=st.booleans())
-def test_spmm_add_adds_x_times_s_transposed(problem, transposed_out):
+@given(problem=kernel_problems(), transposed_out=st.booleans(), overwrite=st.booleans())
+def test_spmm_add_adds_x_times_s_transposed(problem, transposed_out, overwrite):
     support, col, values, x, _, dtype, threads = problem
-    start = torch.randn(x.shape[0], support.shape[0], dtype=torch.float64)
+    # overwriting: out starts as NaN, so an element the kernel leaves unwritten fails the comparison
+    start = torch.full((x.shape[0], support.shape[0]), torch.nan if overwrite else 0.0, dtype=torch.float64)
+    if not overwrite:
+        start.normal_()
     out = start.to(dtype, copy=True)
     if transposed_out:  # rows not contiguous: the op works on a copy and adds it back
         out = out.t().contiguous().t()
     with num_threads(threads):
-        native.spmm_add_(x.to(dtype), support.crow_indices, col, values.to(dtype), out)
-    expected = start + x @ dense_of(support, values).t()
+        native.spmm_add_(x.to(dtype), support.crow_indices, col, values.to(dtype), out, overwrite=overwrite)
+    expected = (0 if overwrite else start) + x @ dense_of(support, values).t()
     torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
 
 
 @needs_native
 @settings(max_examples=60, deadline=None)
-@given(problem=kernel_problems(), transposed_out=st.booleans())
-def test_spmm_t_add_adds_grad_times_s(problem, transposed_out):
+@given(problem=kernel_problems(), transposed_out=st.booleans(), overwrite=st.booleans())
+def test_spmm_t_add_adds_grad_times_s(problem, transposed_out, overwrite):
     support, col, values, _, grad, dtype, threads = problem
-    start = torch.randn(grad.shape[0], support.shape[1], dtype=torch.float64)
+    start = torch.full((grad.shape[0], support.shape[1]), torch.nan if overwrite else 0.0, dtype=torch.float64)
+    if not overwrite:
+        start.normal_()
     out = start.to(dtype, copy=True)
     if transposed_out:
         out = out.t().contiguous().t()
     with num_threads(threads):
-        native.spmm_t_add_(grad.to(dtype), support.crow_indices, col, values.to(dtype), out)
-    expected = start + grad @ dense_of(support, values)
+        native.spmm_t_add_(grad.to(dtype), support.crow_indices, col, values.to(dtype), out, overwrite=overwrite)
+    expected = (0 if overwrite else start) + grad @ dense_of(support, values)
     torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
 
 
@@ -175,8 +180,9 @@ def test_custom_ops_pass_opcheck():
     support = SparseSupport(uniform_flat_indices(40 * 30, 90, 0), (40, 30), persistent=False)
     x, grad, values = torch.randn(20, 30), torch.randn(20, 40), torch.randn(90)
     crow, col = support.crow_indices, support.col_indices
-    torch.library.opcheck(native.spmm_add_op, (x, crow, col, values, torch.zeros(20, 40)))
-    torch.library.opcheck(native.spmm_t_add_op, (grad, crow, col, values, torch.zeros(20, 30)))
+    for overwrite in (False, True):
+        torch.library.opcheck(native.spmm_add_op, (x, crow, col, values, torch.zeros(20, 40), overwrite))
+        torch.library.opcheck(native.spmm_t_add_op, (grad, crow, col, values, torch.zeros(20, 30), overwrite))
     torch.library.opcheck(native.entry_dots_op, (grad, x, crow, col))
 
 

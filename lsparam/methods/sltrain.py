@@ -44,17 +44,18 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
 class _GatherSLTrainLinear(torch.autograd.Function):
     """``y = (x Aᵀ)(s·B)ᵀ + x Sᵀ`` on the gather path, as one autograd function.
 
-    The sparse path adds into the low-rank output in the forward, and into the low-rank input gradient
-    in the backward, in place: no token×features temporaries and no extra add passes. The scale ``s``
-    rides in the GEMMs' alpha: no ``s·B`` copy is made or saved; only ``x`` and ``x Aᵀ`` are saved.
+    The sparse product is written first and the low-rank GEMM adds into it (its beta = 1), in the forward
+    and for the input gradient: no token×features temporaries, no extra add passes, and no pass reading
+    the GEMM's output back. The scale ``s`` rides in the GEMMs' alpha: no ``s·B`` copy is made or saved;
+    only ``x`` and ``x Aᵀ`` are saved.
     """
 
     @staticmethod
     def forward(ctx, x, B, A, values, support: SparseSupport, scale: float):
         x2 = x.reshape(-1, x.shape[-1])
         hidden = x2 @ A.t()
-        y = _scaled_mm(hidden, B.t(), scale)
-        bag_sum(x2, support.crow_indices, support.col_indices, values, support.shape[0], out=y)
+        y = bag_sum(x2, support.crow_indices, support.col_indices, values, support.shape[0])
+        y.addmm_(hidden, B.t(), alpha=scale)
         ctx.support, ctx.scale = support, scale
         ctx.save_for_backward(x, B, A, values, hidden)
         return y.reshape(*x.shape[:-1], support.shape[0])
@@ -71,7 +72,7 @@ class _GatherSLTrainLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_A = grad_hidden.t() @ x2
         if ctx.needs_input_grad[0]:
-            grad_x = input_grad(g2, values, support, out=grad_hidden @ A).reshape(x.shape)
+            grad_x = input_grad(g2, values, support).addmm_(grad_hidden, A).reshape(x.shape)
         if ctx.needs_input_grad[3]:
             grad_values = entry_dots(g2, x2, support)
         return grad_x, grad_B, grad_A, grad_values, None, None

@@ -49,8 +49,8 @@ def bag_sum(table: torch.Tensor, crow, col, weights, bags: int, out: torch.Tenso
     columns made for the call (it takes int32 or int64 indices, of the offsets' dtype).
     """
     if native.available(*((table, weights) if out is None else (table, weights, out))):
-        y = table.new_zeros(table.shape[0], bags) if out is None else out
-        native.spmm_add_(table, crow, col, weights, y)
+        y = table.new_empty(table.shape[0], bags) if out is None else out
+        native.spmm_add_(table, crow, col, weights, y, overwrite=out is None)
         return y
     y = table.new_empty(table.shape[0], bags) if out is None else out
     col, offsets = col.to(torch.int32), crow[:-1].to(torch.int32)
@@ -69,8 +69,8 @@ def input_grad(grad: torch.Tensor, values: torch.Tensor, support: SparseSupport,
     made for the call and dropped after it (the native kernel's counting sort, or a stable argsort here:
     under 1% of a layer's forward and backward), so that the support holds 2 bytes per entry."""
     if native.available(*((grad, values) if out is None else (grad, values, out))):
-        y = grad.new_zeros(grad.shape[0], support.shape[1]) if out is None else out
-        native.spmm_t_add_(grad, support.crow_indices, support.col_indices, values, y)
+        y = grad.new_empty(grad.shape[0], support.shape[1]) if out is None else out
+        native.spmm_t_add_(grad, support.crow_indices, support.col_indices, values, y, overwrite=out is None)
         return y
     crow_t, col_t, perm = support.transpose()
     return bag_sum(grad, crow_t, col_t, values.index_select(0, perm), support.shape[1], out=out)

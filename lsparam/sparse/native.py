@@ -104,8 +104,8 @@ def library() -> ctypes.CDLL | None:
         return None
     i64, vp, int_ = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     for suffix in (f"{t}_{i}" for t in DTYPES.values() for i in INDEX_TYPES.values()):
-        getattr(lib, f"lsparam_spmm_add_{suffix}").argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, vp, i64, int_]
-        getattr(lib, f"lsparam_spmm_t_add_{suffix}").argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, vp, i64, int_]
+        getattr(lib, f"lsparam_spmm_add_{suffix}").argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, vp, i64, int_, int_]
+        getattr(lib, f"lsparam_spmm_t_add_{suffix}").argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, vp, i64, int_, int_]
         getattr(lib, f"lsparam_entry_dots_{suffix}").argtypes = [vp, i64, vp, i64, i64, i64, vp, vp, i64, vp, int_]
     lib.lsparam_vector_bytes.argtypes, lib.lsparam_vector_bytes.restype = [], int_
     return lib
@@ -178,30 +178,37 @@ def _kernel(product: str, dtype: torch.dtype, col: torch.Tensor):
     return getattr(library(), f"lsparam_{product}_{DTYPES[dtype]}_{INDEX_TYPES[col.dtype]}")
 
 
-def _into_rows(out: torch.Tensor, add) -> None:
-    """``add(target)`` on ``out`` where its rows are contiguous, else on a zeroed copy added back."""
-    target = out if out.stride(-1) == 1 else torch.zeros_like(out, memory_format=torch.contiguous_format)
-    add(target)
-    if target is not out:
-        out.add_(target)
+def _into_rows(out: torch.Tensor, put, overwrite: bool) -> None:
+    """``put(target)`` on ``out`` where its rows are contiguous, else on a copy written back (``put``
+    writes over the copy, which is then added to ``out`` or, with ``overwrite``, copied into it)."""
+    if out.stride(-1) == 1:
+        put(out, overwrite)
+        return
+    target = torch.empty_like(out, memory_format=torch.contiguous_format)
+    put(target, True)
+    out.copy_(target) if overwrite else out.add_(target)
 
 
-def _spmm_add(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+def _spmm_add(
+    x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor, overwrite: bool
+) -> None:
     _check_support(crow, col)
     x, values = _rows_contiguous(x), values.contiguous()
-    _into_rows(out, lambda target: _kernel("spmm_add", x.dtype, col)(
+    _into_rows(out, lambda target, overwrite: _kernel("spmm_add", x.dtype, col)(
         x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], crow.data_ptr(), col.data_ptr(), values.data_ptr(),
-        out.shape[1], target.data_ptr(), target.stride(0), torch.get_num_threads(),
-    ))
+        out.shape[1], target.data_ptr(), target.stride(0), overwrite, torch.get_num_threads(),
+    ), overwrite)
 
 
-def _spmm_t_add(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+def _spmm_t_add(
+    grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor, overwrite: bool
+) -> None:
     _check_support(crow, col)
     grad, values = _rows_contiguous(grad), values.contiguous()
-    _into_rows(out, lambda target: _kernel("spmm_t_add", grad.dtype, col)(
+    _into_rows(out, lambda target, overwrite: _kernel("spmm_t_add", grad.dtype, col)(
         grad.data_ptr(), grad.stride(0), grad.shape[0], grad.shape[1], crow.data_ptr(), col.data_ptr(),
-        values.data_ptr(), out.shape[1], target.data_ptr(), target.stride(0), torch.get_num_threads(),
-    ))
+        values.data_ptr(), out.shape[1], target.data_ptr(), target.stride(0), overwrite, torch.get_num_threads(),
+    ), overwrite)
 
 
 def _entry_dots(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
@@ -224,12 +231,12 @@ entry_dots_op = torch.library.custom_op(ENTRY_DOTS, _entry_dots, mutates_args=()
 
 
 @spmm_add_op.register_fake
-def _(x, crow, col, values, out) -> None:
+def _(x, crow, col, values, out, overwrite) -> None:
     return None
 
 
 @spmm_t_add_op.register_fake
-def _(grad, crow, col, values, out) -> None:
+def _(grad, crow, col, values, out, overwrite) -> None:
     return None
 
 
@@ -254,15 +261,20 @@ _spmm_add_eager, _spmm_t_add_eager = _eager(SPMM_ADD, _spmm_add), _eager(SPMM_T_
 _entry_dots_eager = _eager(ENTRY_DOTS, _entry_dots)
 
 
-def spmm_add_(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
-    """``out += x Sᵀ`` in place, for ``x`` (tokens × in) and ``S`` (rows × in) in CSR form with ``values``."""
-    (spmm_add_op if torch.compiler.is_compiling() else _spmm_add_eager)(x, crow, col, values, out)
+def spmm_add_(
+    x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor, overwrite: bool = False
+) -> None:
+    """``out += x Sᵀ`` in place (``out = x Sᵀ`` with ``overwrite``: ``out`` need not be zeroed), for ``x``
+    (tokens × in) and ``S`` (rows × in) in CSR form with ``values``."""
+    (spmm_add_op if torch.compiler.is_compiling() else _spmm_add_eager)(x, crow, col, values, out, overwrite)
 
 
-def spmm_t_add_(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
-    """``out += grad S`` in place, for ``grad`` (tokens × rows) and ``S`` (rows × in) in CSR form with ``values``:
-    ``dX``, on the same row-major support as the forward."""
-    (spmm_t_add_op if torch.compiler.is_compiling() else _spmm_t_add_eager)(grad, crow, col, values, out)
+def spmm_t_add_(
+    grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor, overwrite: bool = False
+) -> None:
+    """``out += grad S`` in place (``out = grad S`` with ``overwrite``), for ``grad`` (tokens × rows) and ``S``
+    (rows × in) in CSR form with ``values``: ``dX``, on the same row-major support as the forward."""
+    (spmm_t_add_op if torch.compiler.is_compiling() else _spmm_t_add_eager)(grad, crow, col, values, out, overwrite)
 
 
 def entry_dots(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
