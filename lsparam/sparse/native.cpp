@@ -10,7 +10,7 @@
 // tokens per column, in L2) with in-register tile transposes, and walks the support row by row: each
 // sparse entry costs one vector load and one fused multiply-add per vector of tokens, summed in registers.
 // Measured on 2-core VMs (recipes/bench/kernels.py): each product takes 0.1-0.3 of one dense GEMM's time
-// at LLaMA shapes on Intel Sapphire Rapids (AVX-512), 0.07-0.16 on AMD EPYC Zen 3 (AVX2), against 0.03 of
+// at LLaMA shapes on Intel Sapphire Rapids (AVX-512), 0.09-0.16 on AMD EPYC Zen 3 (AVX2), against 0.03 of
 // its FLOPs. What did not pay on the first: column tiles small enough for L1 (the per-row, per-tile
 // bookkeeping cost more than L2 latency), accumulating in an L1 buffer in a flat entry order (one 64-byte
 // store per entry), more than 128 bytes of tokens or four running sums per row in the forward, and
@@ -73,7 +73,7 @@ template <typename T>
 struct Transposer {
   static constexpr int64_t L = Vec<T>::lanes;
 #if defined(__clang__)
-  static constexpr bool in_registers = false;  // clang has no two-source __builtin_shuffle
+  static constexpr bool in_registers = false;  // clang spells it __builtin_shufflevector: not written here
 #else
   static constexpr bool in_registers = true;
   typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type Index;
