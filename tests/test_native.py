@@ -28,8 +28,9 @@ def drop_rows(flat: torch.Tensor, features: int, empty: torch.Tensor) -> torch.T
 def kernel_problems(draw):
     """Supports over more than one row block (128 rows) and partial transpose tiles (lanes × lanes: 16 or 8
     float32), with rows left empty, token counts across the kernels' blocks (up to 32 float32 tokens
-    forward, 128 for dV, by thread count and vector width; half as many float64) and a single token, on 1 to 3 threads, activations whose rows are
-    longer than their width; columns as SparseSupport holds them (uint16) or as int32."""
+    forward, 128 for dV, by thread count and vector width; half as many float64) and a single token, on
+    1 to 3 threads, activations whose rows are longer than their width; columns as SparseSupport holds
+    them (uint16) or as int32."""
     rows, features = draw(st.integers(1, 300)), draw(st.integers(1, 1100))
     tokens = draw(st.sampled_from([0, 1, 2]) | st.integers(0, 300))
     nnz = max(1, int(draw(st.floats(0.0005, 0.3)) * rows * features))

@@ -48,11 +48,10 @@ def bag_sum(table: torch.Tensor, crow, col, weights, bags: int, out: torch.Tenso
     The native kernel where it is built (:mod:`lsparam.sparse.native`), else ``embedding_bag``, on int32
     columns made for the call (it takes int32 or int64 indices, of the offsets' dtype).
     """
-    if native.available(*((table, weights) if out is None else (table, weights, out))):
-        y = table.new_empty(table.shape[0], bags) if out is None else out
+    y = table.new_empty(table.shape[0], bags) if out is None else out
+    if native.available(table, weights, y):
         native.spmm_add_(table, crow, col, weights, y, overwrite=out is None)
         return y
-    y = table.new_empty(table.shape[0], bags) if out is None else out
     col, offsets = col.to(torch.int32), crow[:-1].to(torch.int32)
     for start in range(0, table.shape[0], GATHER_TOKEN_BLOCK):
         block = table[start:start + GATHER_TOKEN_BLOCK].t().contiguous()  # features-major: rows are gathered

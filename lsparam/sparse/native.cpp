@@ -138,8 +138,9 @@ void put_transposed(const V<T>* src, int64_t stride, int64_t n, int64_t m, T* ds
       for (int64_t i = 0; i < L; ++i) {
         V<T> d = r[i];
         if (!overwrite) {
-          std::memcpy(&d, dst + i * ld, sizeof(V<T>));
-          d += r[i];
+          V<T> before;
+          std::memcpy(&before, dst + i * ld, sizeof(V<T>));
+          d += before;
         }
         std::memcpy(dst + i * ld, &d, sizeof(V<T>));
       }
