@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from dataclasses import dataclass
 
 # Learning-rate grids, factors of 2. The recipe's defaults (full 1e-3, the structured methods 3e-3, CoLA
@@ -315,9 +316,16 @@ def tokens_left_estimate(results: list[Result], methods, budgets, seeds: int, **
 
 
 def seconds_per_token(results: list[Result]) -> float | None:
-    """Wall time per training token of the finished runs (their training time where the wall time was not
-    recorded), evaluations and checkpoints included where it was."""
+    """The median over finished runs of wall time per training token (training time where the wall time was
+    not recorded), evaluations and checkpoints included where it was. The median, not the total: a run
+    paused while the machine did other work (its wall time then counts the pause) does not set the pace.
+
+    >>> from types import SimpleNamespace as R
+    >>> runs = [R(finished=True, record={"wall_seconds": w, "tokens": 1000}) for w in (3, 5, 900)]
+    >>> seconds_per_token(runs)
+    0.005
+    """
     done = [r.record for r in results if r.finished]
     if not done:
         return None
-    return sum(r.get("wall_seconds") or r["train_seconds"] for r in done) / sum(r["tokens"] for r in done)
+    return statistics.median((r.get("wall_seconds") or r["train_seconds"]) / r["tokens"] for r in done)

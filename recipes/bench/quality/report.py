@@ -150,12 +150,12 @@ def _intro(results: list[Result], args, short: int) -> str:
 
 
 def _progress(results: list[Result], args, methods, step) -> str:
-    """Runs finished and left, the time left at the pace so far, and how to resume."""
+    """Runs finished and left, the time left at the median pace, and how to resume."""
     left = runs_left_estimate(results, **plan_kw(args, methods))
     pace, tokens_left = seconds_per_token(results), tokens_left_estimate(results, **plan_kw(args, methods))
-    eta = (f" At the pace so far ({pace * 1e6 / 60:.0f} minutes per 1M tokens, one run at a time at the lowest priority "
-           f"on the shared machine), the {tokens_left / 1e6:.0f}M tokens left take about {pace * tokens_left / 3600:.0f} "
-           f"hours." if pace and step else "")
+    eta = (f" At the median pace of the finished runs ({pace * 1e6 / 60:.0f} minutes per 1M tokens, one run at a time "
+           f"on the 2-core machine), the {tokens_left / 1e6:.0f}M tokens left take about {pace * tokens_left / 3600:.0f} "
+           f"hours of its time." if pace and step else "")
     return (
         f"**Progress: {len(results)} run{'s' if len(results) != 1 else ''} finished, "
         + (f"about {left} to go; the study continues.**{eta} Next stage: {step[0]} ({len(step[1])} run(s)). "
