@@ -44,7 +44,7 @@ KNOBS = {  # flag dest -> (config field, methods that have it)
     "update_proj_gap": ("update_proj_gap", ("galore",)),
 }
 # A checkpoint resumes only under the settings it was made with (the schedule, eval and save may change).
-MUST_MATCH = ("model", "method", *KNOBS, "precision", "batch_size", "seq_len", "accumulation_steps", "per_layer",
+MUST_MATCH = ("model", "linear_init_std", "method", *KNOBS, "precision", "batch_size", "seq_len", "accumulation_steps", "per_layer",
               "state_bits", "dataset", "data_files", "valid_files", "tokenizer", "vocab_size", "seed", "parallel")
 # Flags a resumed run may change: they take effect from the resumed step (recipes.checkpoint).
 MAY_CHANGE = ("lr", "linear_lr_scale", "weight_decay", "clip_norm", "warmup", "min_lr_ratio", "eval_every", "eval_batches",
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="docs/recipes.md explains every flag.")
     a = p.add_argument_group("model and method")
     a.add_argument("--model", default="llama_9m", help="a name in recipes/configs (llama_9m ... llama_7b) or a config JSON path")
+    a.add_argument("--linear-init-std", type=float,
+                   help="std of the decoder's linear weights at init, re-drawn before the method is applied; the "
+                        "embeddings and head keep the config's initializer_range (default: initializer_range for all)")
     a.add_argument("--method", choices=METHODS, default="lost-silu",
                    help="weight structure (default: %(default)s, lsparam.parametrize's default: docs/methods.md#defaults)")
     a.add_argument("--rank", type=parse_rank, help="rank r (int) or fraction of min(in, out); default: paper per size, else hidden/4")
@@ -200,6 +203,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             raise RecipeError(f"--{name.replace('_', '-')} must be >= 0; got {value}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise RecipeError(f"--lr must be a positive number; got {args.lr}")
+    if args.linear_init_std is not None and not (args.linear_init_std > 0 and math.isfinite(args.linear_init_std)):
+        raise RecipeError(f"--linear-init-std must be a positive number (transformers' default is 0.02); got {args.linear_init_std}")
     if not (args.linear_lr_scale > 0 and math.isfinite(args.linear_lr_scale)):
         raise RecipeError(f"--linear-lr-scale must be a positive number; got {args.linear_lr_scale}")
     if not 0 <= args.warmup < 1:

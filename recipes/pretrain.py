@@ -103,6 +103,10 @@ def build_model(args, config, settings, device) -> nn.Module:
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = LlamaForCausalLM(config)
+    if args.linear_init_std is not None:  # the decoder's scale alone (initializer_range would move the embeddings too)
+        with torch.no_grad():
+            for layer in decoder_linears(model):
+                layer.weight.normal_(0.0, args.linear_init_std)
     if settings is not None and args.method != "galore":
         try:
             lsparam.parametrize(model, settings, progress=False)

@@ -102,8 +102,10 @@ def test_run_names_are_stable_and_name_every_setting():
     assert run.name == "full-lr0.001-seed0-1000000tok"  # the earlier study's names, unchanged
     tuned = run.at(lr=2.5e-3, linear_lr_scale=0.25, warmup=0.03, init_range=0.04)
     assert tuned.name == "full-lr0.0025-lls0.25-wu0.03-init0.04-seed0-1000000tok"
+    assert run.at(linear_init_std=0.005).name == "full-lr0.001-linit0.005-seed0-1000000tok"
+    assert run.at(linear_init_std=0.005).label() == "lr 0.001, linear init std 0.005"
     assert run.at(lr=run.lr * 3 * 0.5 / 1.5) == run  # a rate computed twice names the same run
-    assert run.one_lr and not tuned.one_lr
+    assert run.one_lr and not tuned.one_lr and not run.at(linear_init_std=0.01).one_lr
 
 
 def synthetic_ppl(run: Run) -> float:
@@ -115,8 +117,8 @@ def synthetic_ppl(run: Run) -> float:
         ppl *= 0.85 + 0.1 * abs(math.log2(run.lr / 2.5e-3))
     if run.warmup == 0.03:
         ppl *= 0.98
-    if run.init_range is not None:
-        ppl *= 1.05 if run.init_range == 0.04 else 1.03
+    if run.linear_init_std is not None:
+        ppl *= 1.05 if run.linear_init_std == 0.04 else 1.03
     return ppl * (1 + 0.01 * run.seed)
 
 
@@ -150,11 +152,13 @@ def test_the_plan_sweeps_tunes_full_rank_then_grows_the_budget():
     assert all(r.tokens == 1_000_000 for n, s in stages[:names.index("2,000,000 tokens")] for r in s)
     edges = [r for n, s in stages if n == "grid edges" for r in s]
     assert {(r.method, r.lr) for r in edges} == {("lost-silu", 6e-3), ("cola", 1.2e-2), ("cola", 2.4e-2)}
-    # full-rank's tuning follows its best: the split around lr 1e-3, then warmup 0.03 kept, init 0.04 not
+    # full-rank's tuning follows its best: the split around lr 1e-3, then warmup 0.03 kept, no other init
     split = dict(stages)["full-rank: learning-rate split"]
     assert {(r.lr, r.linear_lr_scale) for r in split} == {(2.5e-3, 0.25), (2.5e-3, 0.125), (5e-3, 0.125), (5e-3, 0.25)}
     best_full = best_run(results, "full", 1_000_000)
-    assert best_full.linear_lr_scale != 1 and best_full.warmup == 0.03 and best_full.init_range is None
+    assert best_full.linear_lr_scale != 1 and best_full.warmup == 0.03 and not best_full.init_changed
+    inits = dict(stages)["full-rank: init scale"]
+    assert [r.linear_init_std for r in inits] == [0.005, 0.01, 0.04] and all(r.warmup == 0.03 for r in inits)
     # every longer budget runs each row at its best configuration of the sweep, "full, one lr" included
     at_2m = dict(stages)["2,000,000 tokens"]
     assert best_full.at(tokens=2_000_000) in at_2m and Run("full", 1e-3, 0, 2_000_000) in at_2m
@@ -207,7 +211,7 @@ def test_result_file_round_trip(tmp_path):
     path = tmp_path / "results" / f"{run.name}.json"
     record = json.loads(path.read_text())
     assert record["run"] == {"method": "full", "lr": 2.5e-3, "seed": 0, "tokens": 8192, "linear_lr_scale": 0.25,
-                             "warmup": 0.03, "init_range": None}
+                             "warmup": 0.03, "init_range": None, "linear_init_std": None}
     assert record["status"] == "finished" and record["final_val_ppl"] == pytest.approx(123.4)
     assert record["initial_val_loss"] == 9.0 and record["initial_val_ppl"] == pytest.approx(math.exp(9.0))
     assert record["eval"] == [[0, 0, 9.0], [8, 8192, pytest.approx(math.log(123.4))]]
@@ -257,7 +261,7 @@ def test_a_run_that_ended_without_its_result_file_gets_one_without_training(tmp_
 
 def test_a_run_is_trained_with_its_settings_and_a_divergence_is_a_result(tmp_path, monkeypatch):
     args = study_args(tmp_path, train_passages="p/train/*.jsonl", valid_passages="p/valid/*.jsonl")
-    run = Run("full", 2e-3, 1, 8192, linear_lr_scale=0.25, warmup=0.3, init_range=0.04)
+    run = Run("full", 2e-3, 1, 8192, linear_lr_scale=0.25, warmup=0.3, init_range=0.04, linear_init_std=0.01)
     calls = []
 
     def fake_pretrain(command, stdout, **kw):
@@ -270,6 +274,7 @@ def test_a_run_is_trained_with_its_settings_and_a_divergence_is_a_result(tmp_pat
     assert len(calls) == 1 and not result.finished and result.ppl == math.inf
     flags = dict(zip(calls[0][2::2], calls[0][3::2]))
     assert (flags["--lr"], flags["--linear-lr-scale"], flags["--warmup"], flags["--seed"]) == ("0.002", "0.25", "0.3", "1")
+    assert flags["--linear-init-std"] == "0.01"
     config = json.loads(Path(flags["--model"]).read_text())
     assert config["initializer_range"] == 0.04 and config["hidden_size"] == 256  # llama_20m's shape, another init
 
@@ -375,6 +380,13 @@ def test_the_report_comes_from_the_result_files_alone(tmp_path, capsys):
     assert "Trend: the best of SLTrain / LOST / CoLA against tuned full-rank goes 0.778 (cola, 8,192) -> 1.000 (cola, 16,384)" in text
     assert "split (`--linear-lr-scale`): 180.0 (-10.0%" in text
     assert "| cola | lr 0.003 | - | 101.0 | 104.0 |" in text  # the rate re-check at the longest budget
+    # why: the rows in order of their layers' scale at init, and Spearman's rho = 1 - 6 sum(d^2) / (n (n^2 - 1))
+    why = text[text.index("### Why"):text.index("### Full-rank tuning")]
+    order = [line.split(" | ")[0].lstrip("| ") for line in why.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert order == ["sltrain", "lost", "lowrank", "full", "cola"]  # 3% of entries, truncated W0, r of d, std 0.02, CoLA's
+    gain_ranks, ppl_ranks = [0, 1, 2, 3, 4], [1, 2, 4, 3, 0]  # ppl 150, 160, 190, 180, 140
+    rho = 1 - 6 * sum((a - b) ** 2 for a, b in zip(gain_ranks, ppl_ranks)) / (5 * (5**2 - 1))
+    assert f"except GaLore: {rho:+.2f} (5 rows;" in why
 
 
 def test_the_report_writes_its_figures_and_section(tmp_path, monkeypatch):

@@ -114,6 +114,7 @@ def test_c4_fails_fast_offline(corpus, tmp_path):
     (["--seq-len", "1"], "--seq-len must be >= 2"),
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--linear-lr-scale", "0"], "--linear-lr-scale must be a positive number; got 0.0"),
+    (["--linear-init-std", "-0.01"], "--linear-init-std must be a positive number (transformers' default is 0.02); got -0.01"),
     (["--warmup", "1.5"], "--warmup"),
     (["--method", "lost", "--density", "0.1"], "--density applies to --method sltrain"),
     (["--method", "sltrain", "--density", "2"], "density must lie in (0, 1]"),
@@ -162,6 +163,37 @@ def test_linear_lr_scale_sets_the_decoder_linears_rate(method):
         expected = 0.005 * (0.25 if ".layers." in name and "_proj" in name else 1.0) * moves
         largest = (p.detach() - before[name]).abs().max().item()
         assert largest == pytest.approx(expected, rel=1e-3), name
+
+
+def test_linear_init_std_redraws_the_decoder_linears_only():
+    """The decoder's projections get the new std (the sample std over all their entries, within 2%); the
+    embeddings and head are the config's draw, bit for bit; and LOST factorises the re-drawn weight."""
+    import argparse
+
+    from transformers import LlamaConfig
+
+    import lsparam
+
+    config = LlamaConfig(**{**TINY, "vocab_size": 50})
+    args = argparse.Namespace(seed=0, method="full", linear_init_std=None, lean_head=False, precision="fp32")
+    plain = pretrain.build_model(args, config, None, "cpu")
+    args.linear_init_std = 0.005
+    small = pretrain.build_model(args, config, None, "cpu")
+
+    def decoder(model):
+        return [name for name, _ in model.named_parameters() if ".layers." in name and "_proj" in name]
+
+    for model, std in ((plain, 0.02), (small, 0.005)):
+        entries = torch.cat([model.get_parameter(name).detach().flatten() for name in decoder(model)])
+        assert entries.std().item() == pytest.approx(std, rel=0.02)
+    for name, weight in small.named_parameters():
+        if name not in decoder(small):
+            assert torch.equal(weight, plain.get_parameter(name)), name
+    args.method = "lost"
+    lost = pretrain.build_model(args, config, lsparam.LOSTConfig(rank=4), "cpu")
+    weights = lost.model.layers[0].self_attn.q_proj.parametrizations.weight
+    top = torch.linalg.svdvals(small.model.layers[0].self_attn.q_proj.weight.double())[:4]
+    assert torch.linalg.svdvals((weights.original0 @ weights.original1).double())[:4].allclose(top, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method, size, flags, expected", [

@@ -76,6 +76,8 @@ def command_for(run: Run, args) -> list[str]:
         command += ["--linear-lr-scale", repr(run.linear_lr_scale)]
     if run.warmup is not None:
         command += ["--warmup", repr(run.warmup)]
+    if run.linear_init_std is not None:
+        command += ["--linear-init-std", repr(run.linear_init_std)]
     return command
 
 

@@ -32,7 +32,9 @@ QUICK_GRIDS = {"full": [1e-3, 3e-3], "lost": [3e-3, 1e-2]}
 # --linear-lr-scale). The earlier study's best at 500k was 2.5x with 0.25 (the linear weights at 0.625x).
 SPLIT_GRID = [(2.5, 0.25), (2.5, 0.125), (5.0, 0.125), (5.0, 0.25)]
 WARMUPS = [0.03, 0.3]  # around the recipe's 0.1 (a fraction of the steps)
-INIT_RANGES = [0.01, 0.04]  # around transformers' 0.02 (0.04 ~ sqrt(2 / (5 d)), "small init" at d = 256)
+# The std of the decoder's linear weights (--linear-init-std), around transformers' 0.02: the structured methods'
+# layers start 0.25-0.4x as large as full-rank's (recipes/bench/quality/init_scale.py), hence two steps down.
+LINEAR_INIT_STDS = [0.005, 0.01, 0.04]
 FULL_ONE_LR = "full, one lr"  # full-rank at its best single rate, every other setting the recipe's
 MAX_SPLIT_EXTENSIONS = 2
 
@@ -53,18 +55,25 @@ class Run:
     linear_lr_scale: float = 1.0
     warmup: float | None = None  # None: the recipe's default for the method
     init_range: float | None = None  # None: the model config's initializer_range (0.02)
+    linear_init_std: float | None = None  # None: the decoder's linear weights drawn with initializer_range
 
     @property
     def name(self) -> str:
         """The run's directory and result-file name; it names every setting that is not the default."""
         extras = "".join(f"-{tag}{value:g}" for tag, value in (("lls", self.linear_lr_scale if self.linear_lr_scale != 1 else None),
-                                                             ("wu", self.warmup), ("init", self.init_range)) if value is not None)
+                                                             ("wu", self.warmup), ("init", self.init_range),
+                                                             ("linit", self.linear_init_std)) if value is not None)
         return f"{self.method}-lr{self.lr:g}{extras}-seed{self.seed}-{self.tokens}tok"
 
     @property
     def one_lr(self) -> bool:
         """Every setting but the rate is the recipe's."""
-        return self.linear_lr_scale == 1 and self.warmup is None and self.init_range is None
+        return self.linear_lr_scale == 1 and self.warmup is None and not self.init_changed
+
+    @property
+    def init_changed(self) -> bool:
+        """The init differs from the config's: another initializer_range, or another std of the linear weights."""
+        return self.init_range is not None or self.linear_init_std is not None
 
     def at(self, **changes) -> Run:
         """This run with some settings changed (a new rate rounded by :func:`round_lr`)."""
@@ -74,7 +83,7 @@ class Run:
 
     def config(self) -> tuple:
         """What a configuration is, seed and budget aside."""
-        return (self.method, self.lr, self.linear_lr_scale, self.warmup, self.init_range)
+        return (self.method, self.lr, self.linear_lr_scale, self.warmup, self.init_range, self.linear_init_std)
 
     def label(self) -> str:
         """The configuration as the report writes it, e.g. "lr 0.0025, linear x0.25"."""
@@ -85,6 +94,8 @@ class Run:
             parts.append(f"warmup {self.warmup:g}")
         if self.init_range is not None:
             parts.append(f"init {self.init_range:g}")
+        if self.linear_init_std is not None:
+            parts.append(f"linear init std {self.linear_init_std:g}")
         return ", ".join(parts)
 
 
@@ -181,17 +192,17 @@ def full_tuning_stages(results: list[Result], short: int):
         return run.lr, float(f"{run.lr * run.linear_lr_scale:.6g}")
 
     tried = {key(r.run): r.ppl for r in mine
-             if r.run.warmup is None and r.run.init_range is None and r.run.linear_lr_scale != 1}
+             if r.run.warmup is None and not r.run.init_changed and r.run.linear_lr_scale != 1}
     extended = [k for k in tried if k not in {key(r) for r in split}]
     extra = split_extensions(tried, lr0)[: max(0, MAX_SPLIT_EXTENSIONS - len(extended))]
     if extra:
         yield "full-rank: split edges", [base.at(lr=h, linear_lr_scale=round_lr(l / h)) for h, l in extra]
-    pool = [r for r in mine if r.run.warmup is None and r.run.init_range is None]
+    pool = [r for r in mine if r.run.warmup is None and not r.run.init_changed]
     best = min(pool, key=lambda r: (r.ppl, r.run.lr)).run
     yield "full-rank: warmup", [best.at(warmup=w) for w in WARMUPS]
-    pool = [r for r in mine if r.run.init_range is None]
+    pool = [r for r in mine if not r.run.init_changed]
     best = min(pool, key=lambda r: (r.ppl, r.run.lr)).run
-    yield "full-rank: init scale", [best.at(init_range=i) for i in INIT_RANGES]
+    yield "full-rank: init scale", [best.at(linear_init_std=s) for s in LINEAR_INIT_STDS]
 
 
 def rows_of(methods) -> list[str]:
@@ -297,7 +308,7 @@ def _left(results: list[Result], methods, budgets, seeds: int, weight, **kw) -> 
     future = []  # (stage, runs, tokens of each)
     if "full" in methods and kw.get("tune_full", True):
         future += [("full-rank: learning-rate split", len(SPLIT_GRID), short), ("full-rank: warmup", len(WARMUPS), short),
-                   ("full-rank: init scale", len(INIT_RANGES), short)]
+                   ("full-rank: init scale", len(LINEAR_INIT_STDS), short)]
     future += [(f"{t:,} tokens", len(rows_of(methods)), t) for t in budgets[1:]]
     future += [(f"{longest:,} tokens: rate x0.5 and x2", 2 * len(methods), longest),
                (f"{longest:,} tokens: seeds 1..{seeds - 1}", (seeds - 1) * len(methods), longest)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from recipes.bench.quality.init_scale import layer_gains, mean_gain
 from recipes.bench.quality.plan import (
     FULL_ONE_LR,
     Result,
@@ -118,6 +119,7 @@ def report(results: list[Result], args, methods) -> str:
         lines += ["", _trend(series, budgets), ""]
     for tokens in budgets:
         lines += _budget_table(tables[tokens], tokens)
+    lines += _init_scale(results, args, tables[short], short)
     lines += _full_tuning(results, short)
     lines += _sweep(results, methods, short)
     if longest != short:
@@ -250,6 +252,59 @@ def _trend(series: dict, budgets: list[int]) -> str:
     return text
 
 
+def _rank_correlation(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected among measured values).
+
+    >>> _rank_correlation([1, 2, 3, 4], [10, 30, 20, 40])
+    0.8
+    """
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        return [order.index(i) for i in range(len(values))]
+    return statistics.correlation(ranks(xs), ranks(ys))
+
+
+def _init_scale(results: list[Result], args, table: dict, short: int) -> list[str]:
+    """Each method's layers' output scale at init next to its perplexity at the short budget (and full-rank's
+    init-scale runs): the init-scale explanation of the ranking, as far as the results bear it out."""
+    entries = [(row, data["run"], data["ppl"], data["runs"][0].record) for row, data in table.items()
+               if row != FULL_ONE_LR and data["runs"][0].finished]
+    inits: dict[tuple, Result] = {}  # full-rank at another init (its tuning): the best run of each init
+    for r in results:
+        if (r.run.method, r.run.seed, r.run.tokens) == ("full", 0, short) and r.run.init_changed and r.finished:
+            init = (r.run.init_range, r.run.linear_init_std)
+            if init not in inits or r.ppl < inits[init].ppl:
+                inits[init] = r
+    shown = {run.config() for _, run, _, _ in entries}
+    for (init_range, linear_std), r in sorted(inits.items(), key=lambda item: str(item[0])):
+        if r.run.config() not in shown:
+            name = f"init {init_range:g}" if init_range is not None else f"linear init std {linear_std:g}"
+            entries.append((f"full, {name}", r.run, r.ppl, r.record))
+    if len(entries) < 2:
+        return []
+    gains = {row: mean_gain(layer_gains(args.model, run.method, run.init_range, run.linear_init_std)) for row, run, _, _ in entries}
+    entries.sort(key=lambda e: gains[e[0]])
+    lines = [f"### Why: the scale each method starts at ({_fmt_tokens(short)} tokens)", "",
+             "*Init gain*: the root-mean-square output of the decoder's linear layers (q, k, v, o, gate, up, down; "
+             "each kind averaged over the blocks, then the kinds averaged) for standard-normal inputs, the scale of "
+             "the normalised hidden states they see, in the model each run starts from "
+             "(`recipes/bench/quality/init_scale.py`). Full-rank's layers are drawn with std 0.02 (`initializer_range`); "
+             "SLTrain starts from its 3%-dense sparse part (B = 0), LOST from a scaled, truncated copy of that weight, "
+             "CoLA from its own factors. GaLore's model is full-rank's: it differs in its updates.", "",
+             "| method | configuration | init gain | initial valid loss | valid ppl |", "|---|---|---|---|---|"]
+    for row, run, ppl, record in entries:
+        initial = record.get("initial_val_loss")
+        lines.append(f"| {row} | {run.label()} | {gains[row]:.3f} | {f'{initial:.3f}' if initial is not None else '-'} | {ppl:.1f} |")
+    finite = [e for e in entries if math.isfinite(e[2])]
+    if len(finite) >= 3:
+        weights = [e for e in finite if e[1].method != "galore"]
+        rho = _rank_correlation([gains[e[0]] for e in weights], [e[2] for e in weights])
+        lines += ["", f"Rank correlation of init gain with perplexity over the rows except GaLore: {rho:+.2f} "
+                      f"({len(weights)} rows; +1 would mean the smaller a method starts, the lower its perplexity, in every case)."]
+    lines.append("")
+    return lines
+
+
 def _full_tuning(results: list[Result], short: int) -> list[str]:
     """What moves full-rank at the short budget: each knob's runs, and the best after each stage."""
     mine = sorted((r for r in results if (r.run.method, r.run.seed, r.run.tokens) == ("full", 0, short)),
@@ -259,9 +314,9 @@ def _full_tuning(results: list[Result], short: int) -> list[str]:
     lines = [f"### Full-rank tuning ({_fmt_tokens(short)} tokens, seed 0; valid ppl)", "",
              "| knob | configuration | valid ppl |", "|---|---|---|"]
     groups = [("rate", lambda r: r.one_lr),
-              ("split (`--linear-lr-scale`)", lambda r: r.linear_lr_scale != 1 and r.warmup is None and r.init_range is None),
-              ("warmup", lambda r: r.warmup is not None and r.init_range is None),
-              ("init scale", lambda r: r.init_range is not None)]
+              ("split (`--linear-lr-scale`)", lambda r: r.linear_lr_scale != 1 and r.warmup is None and not r.init_changed),
+              ("warmup", lambda r: r.warmup is not None and not r.init_changed),
+              ("init scale", lambda r: r.init_changed)]
     steps, pool = [], []
     for knob, test in groups:
         these = sorted((r for r in mine if test(r.run)), key=lambda r: (r.run.lr, r.run.linear_lr_scale))
