@@ -178,6 +178,42 @@ def test_loading_a_state_dict_with_other_settings_is_refused():
         LeanOptimizer(model, torch.optim.AdamW, per_layer=False).load_state_dict(saved)
 
 
+class _ProjectedMomentum(torch.optim.Optimizer):
+    """SGD with momentum kept in a rank-r space for the groups that name a rank, as GaLore keeps its moments."""
+
+    def __init__(self, params, lr=1e-2, weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                rank = group.get("rank")
+                grad = p.grad if rank is None else p.grad[:, :rank]
+                momentum = self.state[p].setdefault("exp_avg", torch.zeros_like(grad)).mul_(0.9).add_(grad)
+                p[:, : momentum.shape[1]].sub_(group["lr"] * momentum)
+
+
+def test_projected_optimizer_states_load_and_other_shapes_are_refused():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(8, 8, bias=False))
+    groups = [{"params": [model[0].weight], "rank": 4}, {"params": [model[1].weight]}]
+    optimizer = LeanOptimizer(groups, _ProjectedMomentum, per_layer=False)
+    model(torch.randn(3, 16)).square().sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    fresh = LeanOptimizer([{"params": [model[0].weight], "rank": 4}, {"params": [model[1].weight]}], _ProjectedMomentum,
+                          per_layer=False)
+    fresh.load_state_dict(saved)  # (8, 4) for the rank-4 group: GaLore's (out, r)
+    moments = [s["exp_avg"] for inner in fresh._inner for s in inner.state.values()]
+    assert sorted(tuple(m.shape) for m in moments) == [(8, 4), (8, 8)]
+    bad = optimizer.state_dict()
+    state = next(s for s in bad["inner"][0]["state"].values() if s["exp_avg"].shape == (8, 4))
+    state["exp_avg"] = torch.zeros(8, 5)  # neither the parameter's shape nor a rank-4 projection of it
+    with pytest.raises(ValueError, match=r"has shape \(8, 5\), but the parameter it updates has \(8, 16\)"):
+        fresh.load_state_dict(bad)
+
+
 def test_eight_bit_states_are_low_bit_even_for_odd_sized_sparse_values(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 128, bias=False))

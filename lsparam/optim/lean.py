@@ -345,6 +345,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         owners = {id(piece): i for i, pieces in enumerate(self._pieces) for piece in pieces}
         for optimizer, saved in zip(self._inner, inner):
             live = [p for group in optimizer.param_groups for p in group["params"]]
+            ranks = [group.get("rank") for group in optimizer.param_groups for _ in group["params"]]
             saved_groups = saved.get("param_groups", [])
             if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
                 raise ValueError("optimizer state_dict has other parameter groups than this optimizer; nothing was loaded")
@@ -352,10 +353,13 @@ class LeanOptimizer(torch.optim.Optimizer):
                 if not 0 <= int(k) < len(live):
                     raise ValueError(f"optimizer state_dict has state for parameter index {k}, beyond this optimizer's "
                                      f"{len(live)}; nothing was loaded")
-                target = live[int(k)]
+                target, rank = live[int(k)], ranks[int(k)]
+                allowed = {(), tuple(target.shape)}
+                if rank is not None and target.dim() == 2:  # GaLore's groups keep their moments projected to rank r
+                    allowed |= {(target.shape[0], rank), (rank, target.shape[1])}
                 for key, value in state.items():
                     shape = tuple(state_from_plain(value).shape) if isinstance(value, dict) else tuple(getattr(value, "shape", ()))
-                    if key != "step" and shape not in ((), tuple(target.shape)):
+                    if key != "step" and shape not in allowed:
                         raise ValueError(
                             f"optimizer state {key!r} of {self._names[owners[id(target)]]!r} has shape {shape}, but the "
                             f"parameter it updates has {tuple(target.shape)}: this state was saved for another model "
