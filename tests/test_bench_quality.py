@@ -327,7 +327,7 @@ def write_study(tmp_path: Path, with_full: bool = True) -> Namespace:
     args = study_args(tmp_path, budgets=[8192, 16384], methods=None)
     table = {  # (run, ppl)
         Run("full", 1e-3, 0, 8192): 200.0, Run("full", 5e-4, 0, 8192): 230.0, Run("full", 2e-3, 0, 8192): 220.0,
-        Run("full", 2.5e-3, 0, 8192, linear_lr_scale=0.25): 180.0,
+        Run("full", 2.5e-3, 0, 8192, linear_lr_scale=0.25): 180.0, Run("full", 1e-3, 0, 8192, linear_init_std=0.005): 190.0,
         Run("lowrank", 7.5e-4, 0, 8192): 190.0, Run("sltrain", 1.5e-3, 0, 8192): 150.0,
         Run("lost", 7.5e-4, 0, 8192): 160.0, Run("cola", 3e-3, 0, 8192): 140.0, Run("cola", 6e-3, 0, 8192): None,
         Run("full", 2.5e-3, 0, 16384, linear_lr_scale=0.25): 100.0, Run("full", 2.5e-3, 1, 16384, linear_lr_scale=0.25): 104.0,
@@ -365,7 +365,7 @@ def test_the_report_comes_from_the_result_files_alone(tmp_path, capsys):
     assert not Path(args.out).exists()
     results = main(["--report-only", "--no-write", "--results", args.results, "--out", str(tmp_path / "none"),
                             "--budgets", "8192", "16384", "--methods", "full", "lowrank", "sltrain", "lost", "cola"])
-    assert len(results) == 18
+    assert len(results) == 19
     text = capsys.readouterr().out
     # each budget's table: the best seed-0 configuration, its seeds' mean, ratios and parameter shares
     assert "| full | lr 0.0025, linear x0.25 | 102.0 (100.0, 104.0) | 1.000 | 3.16M | 1.00 |" in text
@@ -383,10 +383,13 @@ def test_the_report_comes_from_the_result_files_alone(tmp_path, capsys):
     # why: the rows in order of their layers' scale at init, and Spearman's rho = 1 - 6 sum(d^2) / (n (n^2 - 1))
     why = text[text.index("### Why"):text.index("### Full-rank tuning")]
     order = [line.split(" | ")[0].lstrip("| ") for line in why.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert order == ["sltrain", "lost", "lowrank", "full", "cola"]  # 3% of entries, truncated W0, r of d, std 0.02, CoLA's
+    assert order == ["full, linear init std 0.005", "sltrain", "lost", "lowrank", "full", "cola"]  # by init gain: 0.005 x sqrt(d), 3% of entries, W0 truncated, r of d, std 0.02, CoLA
     gain_ranks, ppl_ranks = [0, 1, 2, 3, 4], [1, 2, 4, 3, 0]  # ppl 150, 160, 190, 180, 140
     rho = 1 - 6 * sum((a - b) ** 2 for a, b in zip(gain_ranks, ppl_ranks)) / (5 * (5**2 - 1))
-    assert f"except GaLore: {rho:+.2f} (5 rows;" in why
+    assert f"(GaLore aside): {rho:+.2f} (5 methods;" in why
+    # and the direct test: full-rank from a smaller init against the same configuration from its own
+    assert "lr 0.001, linear init std 0.005 (init gain 0.087): 190.0 against 200.0 (-5.0%)" in why
+    assert "the best is -5.0%: the init scale moves full-rank" in why
 
 
 def test_the_report_writes_its_figures_and_section(tmp_path, monkeypatch):
