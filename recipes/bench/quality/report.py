@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from recipes.bench.quality.init_scale import layer_gains, mean_gain
+from recipes.bench.quality.init_scale import why_section
 from recipes.bench.quality.plan import (
     FULL_ONE_LR,
     Result,
@@ -119,7 +119,7 @@ def report(results: list[Result], args, methods) -> str:
         lines += ["", _trend(series, budgets), ""]
     for tokens in budgets:
         lines += _budget_table(tables[tokens], tokens)
-    lines += _init_scale(results, args, tables[short], short)
+    lines += why_section(results, args.model, tables[short], short, _fmt_tokens(short))
     lines += _full_tuning(results, short)
     lines += _sweep(results, methods, short)
     if longest != short:
@@ -250,72 +250,6 @@ def _trend(series: dict, budgets: list[int]) -> str:
         one = series[FULL_ONE_LR]
         text += (" Full-rank at one rate against tuned: " + ", ".join(f"{r:.3f} ({_fmt_tokens(t)})" for t, r in one) + ".")
     return text
-
-
-def _rank_correlation(xs: list[float], ys: list[float]) -> float:
-    """Spearman's rank correlation (no ties expected among measured values).
-
-    >>> _rank_correlation([1, 2, 3, 4], [10, 30, 20, 40])
-    0.8
-    """
-    def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        return [order.index(i) for i in range(len(values))]
-    return statistics.correlation(ranks(xs), ranks(ys))
-
-
-def _init_scale(results: list[Result], args, table: dict, short: int) -> list[str]:
-    """Each method's layers' output scale at init next to its perplexity at the short budget (and full-rank's
-    init-scale runs): the init-scale explanation of the ranking, as far as the results bear it out."""
-    entries = [(row, data["run"], data["ppl"], data["runs"][0].record) for row, data in table.items()
-               if row != FULL_ONE_LR and data["runs"][0].finished]
-    inits: dict[tuple, Result] = {}  # full-rank at another init (its tuning): the best run of each init
-    for r in results:
-        if (r.run.method, r.run.seed, r.run.tokens) == ("full", 0, short) and r.run.init_changed and r.finished:
-            init = (r.run.init_range, r.run.linear_init_std)
-            if init not in inits or r.ppl < inits[init].ppl:
-                inits[init] = r
-    shown = {run.config() for _, run, _, _ in entries}
-    for (init_range, linear_std), r in sorted(inits.items(), key=lambda item: str(item[0])):
-        if r.run.config() not in shown:
-            name = f"init {init_range:g}" if init_range is not None else f"linear init std {linear_std:g}"
-            entries.append((f"full, {name}", r.run, r.ppl, r.record))
-    if len(entries) < 2:
-        return []
-    gains = {row: mean_gain(layer_gains(args.model, run.method, run.init_range, run.linear_init_std)) for row, run, _, _ in entries}
-    entries.sort(key=lambda e: gains[e[0]])
-    lines = [f"### Why: the scale each method starts at ({_fmt_tokens(short)} tokens)", "",
-             "*Init gain*: the root-mean-square output of the decoder's linear layers (q, k, v, o, gate, up, down; "
-             "each kind averaged over the blocks, then the kinds averaged) for standard-normal inputs, the scale of "
-             "the normalised hidden states they see, in the model each run starts from "
-             "(`recipes/bench/quality/init_scale.py`). Full-rank's layers are drawn with std 0.02 (`initializer_range`); "
-             "SLTrain starts from its 3%-dense sparse part (B = 0), LOST from a scaled, truncated copy of that weight, "
-             "CoLA from its own factors. GaLore's model is full-rank's: it differs in its updates.", "",
-             "| method | configuration | init gain | initial valid loss | valid ppl |", "|---|---|---|---|---|"]
-    for row, run, ppl, record in entries:
-        initial = record.get("initial_val_loss")
-        lines.append(f"| {row} | {run.label()} | {gains[row]:.3f} | {f'{initial:.3f}' if initial is not None else '-'} | {ppl:.1f} |")
-    methods = [e for e in entries if math.isfinite(e[2]) and e[1].method != "galore" and not e[1].init_changed]
-    if len(methods) >= 3:
-        rho = _rank_correlation([gains[e[0]] for e in methods], [e[2] for e in methods])
-        lines += ["", f"Rank correlation of init gain with perplexity over the methods at their own init (GaLore aside): "
-                      f"{rho:+.2f} ({len(methods)} methods; +1: the smaller a method starts, the lower its perplexity, "
-                      f"in every case). A correlation is not a cause: full-rank started at other scales tests it."]
-    default_init = {r.run.config(): r for r in results if r.finished and r.run.seed == 0 and r.run.tokens == short}
-    pairs = []  # (full-rank from another init, the same configuration from the default init)
-    for row, run, ppl, _ in entries:
-        reference = default_init.get(run.at(init_range=None, linear_init_std=None).config())
-        if run.method == "full" and run.init_changed and math.isfinite(ppl) and reference is not None:
-            pairs.append((run, ppl, gains[row], reference.ppl))
-    if pairs:
-        tried = "; ".join(f"{run.label()} (init gain {gain:.3f}): {ppl:.1f} against {ref:.1f} ({ppl / ref - 1:+.1%})"
-                          for run, ppl, gain, ref in pairs)
-        best = min(ppl / ref - 1 for _, ppl, _, ref in pairs)
-        verdict = ("none is 2% better: init scale alone does not explain the ranking" if best > -0.02 else
-                   f"the best is {best:+.1%}: the init scale moves full-rank")
-        lines += ["", f"Full-rank from another init, against the same configuration from its own: {tried}; {verdict}."]
-    lines.append("")
-    return lines
 
 
 def _full_tuning(results: list[Result], short: int) -> list[str]:
