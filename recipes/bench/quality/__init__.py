@@ -11,7 +11,7 @@ default 1M, 2M and 4M tokens: the goal asks for at least 4M, and 8M does not fit
    extended by one more factor of 2 (at most ``--max-extensions`` times);
 2. **full-rank tuning** (same budget, seed 0): from its best single rate, the split between the
    embeddings/head and the decoder's linear weights (``--linear-lr-scale``), then the warmup, then the
-   init scale (``initializer_range``, through a config JSON passed as ``--model``) -- each knob at the
+   std of the decoder's linear weights at init (``--linear-init-std``) -- each knob at the
    best setting of the ones before it, so full-rank is tuned on more knobs than any other method;
 3. **each longer budget**, shortest first: every method at its best configuration of the sweep, seed 0
    (and full-rank at its best *single* rate too, as "full, one lr": what the tuning buys at each budget);

@@ -142,7 +142,7 @@ def _intro(results: list[Result], args, short: int) -> str:
         f"configuration is the best of its sweep at {_fmt_tokens(short)} tokens (seed 0); at the longest budget its "
         f"rate is re-checked at x0.5 and x2 and the best of the three is run with a second seed; the figure is the "
         f"mean over seeds (each seed's value in brackets). **full** is full-rank AdamW tuned on its rate, the "
-        f"embeddings'/head's rate against the linear layers' (`--linear-lr-scale`), warmup and init scale (its "
+        f"embeddings'/head's rate against the linear layers' (`--linear-lr-scale`), warmup and its decoder's init scale (`--linear-init-std`; its "
         f"tuning is below); **{FULL_ONE_LR}** is full-rank at its best single rate with the recipe's other settings. "
         f"*Linear params* counts the weights of the q, k, v, o, gate, up, down layers. Peak memory is the whole "
         f"process's peak RSS (libraries included; the model's own memory is in the memory section); tokens/s is the "
