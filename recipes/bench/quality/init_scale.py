@@ -24,7 +24,6 @@ import statistics
 
 from recipes.bench.quality.plan import FULL_ONE_LR, Result
 
-LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 UNPARAMETRIZED = ("full", "galore")  # GaLore projects the gradients, not the weights: its model is full-rank's
 
 
@@ -43,7 +42,7 @@ def layer_gains(model: str, method: str, init_range: float | None = None, linear
 
     from lsparam.presets import method_config, size_of
     from recipes.flags import find_config
-    from recipes.pretrain import build_model
+    from recipes.pretrain import build_model, decoder_linears
 
     config = LlamaConfig(**{**json.loads(find_config(model).read_text()), "vocab_size": 256})  # the vocabulary plays no part
     if init_range is not None:
@@ -51,16 +50,14 @@ def layer_gains(model: str, method: str, init_range: float | None = None, linear
     recipe = argparse.Namespace(seed=seed, method=method, linear_init_std=linear_init_std, lean_head=False, precision="fp32")
     settings = None if method in UNPARAMETRIZED else method_config(method, size_of(config))
     net = build_model(recipe, config, settings, "cpu")
+    names = {id(module): name for name, module in net.named_modules()}
     generator = torch.Generator().manual_seed(seed)
-    gains: dict[str, list[float]] = {}
+    gains: dict[str, list[float]] = {}  # kind (q_proj, ..., down_proj) -> one gain per block
     with torch.no_grad():
-        for block in net.model.layers:
-            for name, layer in block.named_modules():
-                kind = name.rsplit(".", 1)[-1]
-                if kind in LAYERS:
-                    x = torch.randn(tokens, layer.in_features, generator=generator)
-                    gains.setdefault(kind, []).append(layer(x).pow(2).mean().sqrt().item())
-    return {kind: statistics.fmean(gains[kind]) for kind in LAYERS}
+        for layer in decoder_linears(net):
+            x = torch.randn(tokens, layer.in_features, generator=generator)
+            gains.setdefault(names[id(layer)].rsplit(".", 1)[-1], []).append(layer(x).pow(2).mean().sqrt().item())
+    return {kind: statistics.fmean(values) for kind, values in gains.items()}
 
 
 def mean_gain(gains: dict[str, float]) -> float:
@@ -75,8 +72,7 @@ def rank_correlation(xs: list[float], ys: list[float]) -> float:
     0.8
     """
     def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        return [order.index(i) for i in range(len(values))]
+        return [sorted(values).index(v) for v in values]
     return statistics.correlation(ranks(xs), ranks(ys))
 
 
@@ -92,10 +88,10 @@ def _rows(results: list[Result], table: dict, short: int) -> list[tuple]:
             if init not in inits or r.ppl < inits[init].ppl:
                 inits[init] = r
     shown = {run.config() for _, run, _, _ in rows}
-    for (init_range, linear_std), r in sorted(inits.items(), key=lambda item: str(item[0])):
+    for r in sorted(inits.values(), key=lambda r: r.run.name):
         if r.run.config() not in shown:
-            name = f"init {init_range:g}" if init_range is not None else f"linear init std {linear_std:g}"
-            rows.append((f"full, {name}", r.run, r.ppl, r.record))
+            init = f"init {r.run.init_range:g}" if r.run.init_range is not None else f"linear init std {r.run.linear_init_std:g}"
+            rows.append((f"full, {init}", r.run, r.ppl, r.record))
     return rows
 
 
