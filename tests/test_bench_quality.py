@@ -2,7 +2,7 @@
 
 The unit tests build result files from fake run directories (a ``summary.json`` and ``metrics.jsonl`` as
 ``recipes/pretrain.py`` writes them) and never train; the ``--quick`` study end to end trains real tiny
-models in subprocesses and is marked slow.
+models (the first in a subprocess, as the study runs each) and is marked slow.
 """
 
 from __future__ import annotations
@@ -426,9 +426,44 @@ def test_the_corpus_is_required_with_a_clear_error(tmp_path, capsys):
     assert "--valid-files required: the corpus to train and validate on" in capsys.readouterr().err
 
 
+def _first_in_a_subprocess_then_in_process(monkeypatch):
+    """Make the study's ``subprocess.run`` of ``recipes/pretrain.py`` run the first command as the study does
+    (a fresh process) and the others in this process: the same ``main`` on the same arguments, without
+    paying the imports again for each tiny run."""
+    import contextlib
+
+    import torch
+
+    from recipes import pretrain
+
+    real_run, calls = subprocess.run, []
+    monkeypatch.chdir(ROOT)  # the study runs each command from the repository root
+    threads = torch.get_num_threads()
+
+    def run(command, *, stdout, stderr, cwd, env, check):
+        calls.append(command)
+        assert command[1] == "recipes/pretrain.py" and Path(cwd) == ROOT
+        if len(calls) == 1:
+            return real_run(command, stdout=stdout, stderr=stderr, cwd=cwd, env=env, check=check)
+        code = 0
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
+            try:
+                pretrain.main(command[2:])
+            except SystemExit as exit_info:
+                code = exit_info.code if isinstance(exit_info.code, int) else 1
+            finally:
+                torch.set_num_threads(threads)  # main sets the run's --threads
+        return subprocess.CompletedProcess(command, code)
+
+    monkeypatch.setattr("recipes.bench.quality.execute.subprocess.run", run)
+    return calls
+
+
 @pytest.mark.slow
-def test_quick_study_end_to_end_and_report_from_result_files(tmp_path, capsys):
-    """Real tiny runs: the plan runs to its end, and the report reads the same with runs/ deleted."""
+def test_quick_study_end_to_end_and_report_from_result_files(tmp_path, capsys, monkeypatch):
+    """Real tiny runs (the first in a subprocess, as the study runs each, the others in this process to
+    save their start-up): the plan runs to its end, and the report reads the same with runs/ deleted."""
+    calls = _first_in_a_subprocess_then_in_process(monkeypatch)
     rng = random.Random(0)
     words = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "red", "blue", "and", "then", "it", "was",
              "big", "small"]
@@ -439,6 +474,7 @@ def test_quick_study_end_to_end_and_report_from_result_files(tmp_path, capsys):
             str(tmp_path / "valid.txt"), "--out", str(out)]
     results = main(argv)
     first = capsys.readouterr().out
+    assert len(calls) == len(results) > 1
     summaries = {d.name: json.loads((d / "summary.json").read_text()) for d in out.iterdir() if (d / "summary.json").exists()}
     assert sorted(summaries) == sorted(r.run.name for r in results)
     for r in results:
