@@ -32,10 +32,14 @@ anywhere the repository is checked out, and goes into docs/benchmarks.md and doc
     python -m recipes.bench.quality --report-only        # the report from the result files so far
     python -m recipes.bench.quality --plan               # the runs the next stage needs, from the results so far
     python -m recipes.bench.quality --quick --no-write --data-files ... --valid-files ...   # a smoke test
+    python -m recipes.bench.quality.step_size --data-files ... --valid-files ...   # the step sizes (below)
 
 ``--data-files`` and ``--valid-files`` (text-file globs) are required except with ``--report-only`` and
 ``--plan``: the study ships no corpus.
 
 The modules: ``plan`` (the runs, the stages, what is left), ``results`` (the result files), ``execute``
-(training the runs), ``report`` (the tables), ``plots`` (the figures), ``cli`` (the command line).
+(training the runs), ``report`` (the tables), ``plots`` (the figures), ``cli`` (the command line), and two
+that ask why the methods rank as they do: ``init_scale`` (how large each method's layers start) and
+``step_size`` (how far one step at each configuration's rate moves each part of the model; it replays the
+first steps of finished runs and writes ``why/step_size.json`` beside the result files).
 """

@@ -10,6 +10,7 @@ import math
 import statistics
 
 from recipes.bench.quality.init_scale import why_section
+from recipes.bench.quality.step_size import step_section
 from recipes.bench.quality.plan import (
     FULL_ONE_LR,
     Result,
@@ -120,6 +121,7 @@ def report(results: list[Result], args, methods) -> str:
     for tokens in budgets:
         lines += _budget_table(tables[tokens], tokens)
     lines += why_section(results, args.model, tables[short], short, _fmt_tokens(short))
+    lines += step_section(args.results, _fmt_tokens(short))
     lines += _full_tuning(results, short)
     lines += _sweep(results, methods, short)
     if longest != short:
