@@ -73,8 +73,8 @@ def test_the_section_lists_each_configuration_from_the_file(tmp_path):
     lines = step_section(tmp_path, "1M")
     assert lines[0] == "### Why: how far one step moves each part (1M tokens)"
     table = [line for line in lines if line.startswith("| full") or line.startswith("| lost")]
-    assert table == ["| full | lr 0.0005 | 1.23e-02 | 4.50e-04 | 6.70e-03 | 240.5 |",
-                     "| lost | lr 0.0015 | 3.10e-03 | 4.50e-04 | 6.70e-03 | 240.5 |"]
+    assert table == ["| full | lr 0.0005 | 1.2% | 0.04% | 0.67% | 240.5 |",
+                     "| lost | lr 0.0015 | 0.31% | 0.04% | 0.67% | 240.5 |"]
 
 
 def test_the_replay_reproduces_the_run_it_measures(corpus, tmp_path, restore_torch_globals):

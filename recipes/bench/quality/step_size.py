@@ -179,9 +179,15 @@ def step_section(results_dir, budget: str) -> list[str]:
              f"head's logits; each the median over the steps.", "",
              "| method | configuration | decoder layers | embeddings | head logits | valid ppl |", "|---|---|---|---|---|---|"]
     for m in runs:
-        lines.append(f"| {m['method']} | {m['label']} | {m['decoder']:.2e} | {m['embedding']:.2e} | {m['head']:.2e} | {m['ppl']:.1f} |")
+        changes = " | ".join(_percent(m[part]) for part in ("decoder", "embedding", "head"))
+        lines.append(f"| {m['method']} | {m['label']} | {changes} | {m['ppl']:.1f} |")
     lines.append("")
     return lines
+
+
+def _percent(fraction: float) -> str:
+    """0.0331 -> "3.3%", 0.0051 -> "0.51%": two significant digits or more."""
+    return f"{100 * fraction:.1f}%" if fraction >= 0.01 else f"{100 * fraction:.2f}%"
 
 
 def main(argv=None) -> Path:
@@ -195,9 +201,11 @@ def main(argv=None) -> Path:
     p.add_argument("--results", default=str(RESULTS), help="the study's result files (default: %(default)s)")
     p.add_argument("--window", type=int, default=WINDOW, help="steps measured after the warm-up (default: %(default)s)")
     args = p.parse_args(argv)
-    results = read_results(args.results)
+    if args.window < 1:
+        p.error(f"--window must be at least 1 step; got {args.window}")
+    results = [r for r in read_results(args.results) if r.record.get("command")]
     if not results:
-        raise SystemExit(f"no result files in {args.results}: run the study first")
+        raise SystemExit(f"no result files with their command in {args.results}: run the study first")
     short = min(r.run.tokens for r in results)
     setup = results[0].record["setup"]
     command = results[0].record["command"]  # its passages: <out>/corpus/{train,valid}/*.jsonl, rebuilt if missing
