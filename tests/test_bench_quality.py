@@ -115,6 +115,8 @@ def synthetic_ppl(run: Run) -> float:
     ppl = level[run.method] * (1e6 / run.tokens) ** 0.4 * (1 + 0.1 * math.log2(run.lr * run.linear_lr_scale / best[run.method]) ** 2)
     if run.method == "full" and run.linear_lr_scale != 1:
         ppl *= 0.85 + 0.1 * abs(math.log2(run.lr / 2.5e-3))
+    if run.method == "sltrain" and run.linear_lr_scale != 1:  # the others gain nothing from theirs
+        ppl *= 1 - 0.01 * math.log2(1 / run.linear_lr_scale)
     if run.warmup == 0.03:
         ppl *= 0.98
     if run.linear_init_std is not None:
@@ -145,7 +147,7 @@ def test_the_plan_sweeps_tunes_full_rank_then_grows_the_budget():
     # then the grid's edges (LOST-SiLU's best 3e-3 and CoLA's 1.2e-2 lie above their grids), full-rank's
     # tuning, and the budgets in increasing order, the longest's rate check and seeds last
     order = ["grid edges", "full-rank: learning-rate split", "full-rank: warmup", "full-rank: init scale",
-             "2,000,000 tokens", "4,000,000 tokens", "8,000,000 tokens", "8,000,000 tokens: rate x0.5 and x2",
+             "the other methods: learning-rate split", "the other methods: split edges", "2,000,000 tokens", "4,000,000 tokens", "8,000,000 tokens", "8,000,000 tokens: rate x0.5 and x2",
              "8,000,000 tokens: seeds 1..1"]
     assert list(dict.fromkeys(n for n in names if n in order)) == order  # a stage may repeat (edges), never go back
     assert names.index("full-rank: learning-rate split") > max(i for i, n in enumerate(names) if n == "grid edges")
@@ -159,8 +161,15 @@ def test_the_plan_sweeps_tunes_full_rank_then_grows_the_budget():
     assert best_full.linear_lr_scale != 1 and best_full.warmup == 0.03 and not best_full.init_changed
     inits = dict(stages)["full-rank: init scale"]
     assert [r.linear_init_std for r in inits] == [0.005, 0.01, 0.04] and all(r.warmup == 0.03 for r in inits)
+    # the others' split: the embeddings and head at 2x and 4x each one's best rate, the decoder at it; 8x
+    # where 4x is the best (SLTrain's, in this synthetic study)
+    others = dict(stages)["the other methods: learning-rate split"]
+    assert {(r.method, r.lr, r.linear_lr_scale) for r in others if r.method == "lost"} == {("lost", 1.5e-3, 0.5), ("lost", 3e-3, 0.25)}
+    assert len(others) == 2 * 5 and all(r.tokens == 1_000_000 for r in others)
+    assert dict(stages)["the other methods: split edges"] == [Run("sltrain", 1.2e-2, 0, 1_000_000, linear_lr_scale=0.125)]
     # every longer budget runs each row at its best configuration of the sweep, "full, one lr" included
     at_2m = dict(stages)["2,000,000 tokens"]
+    assert Run("sltrain", 1.2e-2, 0, 2_000_000, linear_lr_scale=0.125) in at_2m
     assert best_full.at(tokens=2_000_000) in at_2m and Run("full", 1e-3, 0, 2_000_000) in at_2m
     assert Run("lost-silu", 3e-3, 0, 2_000_000) in at_2m and len(at_2m) == 7
     # the longest budget: x0.5 and x2 of each method (not of "full, one lr"), then seed 1 of the best of three
@@ -495,3 +504,16 @@ def test_runs_as_a_module_from_the_repository_root(tmp_path):
                              "--no-write", "--results", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
                             timeout=120, check=False)
     assert result.returncode == 1 and "no finished runs" in result.stderr, result.stderr[-2000:]
+
+
+def test_the_report_shows_the_other_methods_split_beside_their_best_single_rate():
+    from recipes.bench.quality.report import _others_split
+
+    results = [Result(Run("lost", lr, 0, 1000), ppl, {"status": "finished"}) for lr, ppl in ((1e-3, 200.0), (2e-3, 210.0))]
+    results += [Result(Run("lost", 2e-3, 0, 1000, linear_lr_scale=0.5), 190.0, {"status": "finished"}),
+                Result(Run("lost", 4e-3, 0, 1000, linear_lr_scale=0.25), 185.0, {"status": "finished"}),
+                Result(Run("full", 1e-3, 0, 1000), 250.0, {"status": "finished"})]
+    lines = _others_split(results, ["full", "lost"], 1000)
+    assert "| lost | 0.001: 200.0 | 190.0 | 185.0 | - |" in lines
+    assert not any(line.startswith("| full") for line in lines)
+    assert _others_split(results[:2], ["lost"], 1000) == []  # no split run yet: no section

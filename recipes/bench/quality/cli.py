@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="seeds at the longest budget (default: 2)")
     p.add_argument("--max-extensions", type=int, default=2, help="grid extensions per method at its edges (default: 2)")
     p.add_argument("--no-tune-full", dest="tune_full", action="store_false",
-                   help="skip full-rank's split, warmup and init-scale stages")
+                   help="skip full-rank's split, warmup and init-scale stages, and the other methods' split")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step: more updates per token at these small budgets (default: 4)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--valid-tokens", type=int, default=65_536)

@@ -8,6 +8,7 @@ stages before it; :func:`next_stage` is the first one with runs still to do.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import statistics
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ QUICK_GRIDS = {"full": [1e-3, 3e-3], "lost": [3e-3, 1e-2]}
 # Full-rank's split: (peak rate of the embeddings, head and norms, as a multiple of its best single rate;
 # --linear-lr-scale). The earlier study's best at 500k was 2.5x with 0.25 (the linear weights at 0.625x).
 SPLIT_GRID = [(2.5, 0.25), (2.5, 0.125), (5.0, 0.125), (5.0, 0.25)]
+# The other methods' split, for fairness with full-rank's: the embeddings, head and norms at these multiples of
+# the method's best single rate, the decoder's linear layers at that rate (--linear-lr-scale 1/multiple); one
+# more factor of 2 where the largest is the best.
+OTHERS_SPLIT = [2.0, 4.0]
+MAX_OTHERS_SPLIT = 8.0
 WARMUPS = [0.03, 0.3]  # around the recipe's 0.1 (a fraction of the steps)
 # The std of the decoder's linear weights (--linear-init-std), around transformers' 0.02: the structured methods'
 # layers start 0.25-0.4x as large as full-rank's (recipes/bench/quality/init_scale.py), hence two steps down.
@@ -205,6 +211,26 @@ def full_tuning_stages(results: list[Result], short: int):
     yield "full-rank: init scale", [best.at(linear_init_std=s) for s in LINEAR_INIT_STDS]
 
 
+def others_split_stages(results: list[Result], methods, short: int):
+    """The split of every method but full-rank at the short budget: the embeddings and head at 2x and 4x the
+    method's best single rate with its decoder at that rate, then 8x where 4x is the best so far."""
+    def split(method: str, lr: float, factor: float) -> Run:
+        return Run(method, round_lr(lr * factor), 0, short, linear_lr_scale=1 / factor)
+
+    best = {m: best_lr(results, m, 0, short) for m in methods if m != "full"}
+    best = {m: lr for m, lr in best.items() if lr is not None}
+    yield "the other methods: learning-rate split", [split(m, lr, f) for m, lr in best.items() for f in OTHERS_SPLIT]
+    done = {r.run: r.ppl for r in results}
+    extra = []
+    for m, lr in best.items():
+        tried = {1.0: done.get(Run(m, lr, 0, short)), **{f: done.get(split(m, lr, f)) for f in OTHERS_SPLIT}}
+        top = max(OTHERS_SPLIT)
+        if all(v is not None for v in tried.values()) and min(tried, key=tried.get) == top and 2 * top <= MAX_OTHERS_SPLIT:
+            extra.append(split(m, lr, 2 * top))
+    if extra:
+        yield "the other methods: split edges", extra
+
+
 def rows_of(methods) -> list[str]:
     """The comparison's rows: every method, and "full, one lr" after full-rank."""
     rows = []
@@ -244,9 +270,9 @@ def stages(results: list[Result], methods, budgets, *, seeds: int = 2, max_exten
     if extra:
         yield "grid edges", extra
         return
-    # 3. full-rank's tuning
+    # 3. full-rank's tuning, then the same split for the others (the longer budgets take each one's best)
     if tune_full and "full" in methods:
-        for name, stage in full_tuning_stages(results, short):
+        for name, stage in itertools.chain(full_tuning_stages(results, short), others_split_stages(results, methods, short)):
             yield name, stage
             if pending(stage):
                 return
@@ -308,7 +334,8 @@ def _left(results: list[Result], methods, budgets, seeds: int, weight, **kw) -> 
     future = []  # (stage, runs, tokens of each)
     if "full" in methods and kw.get("tune_full", True):
         future += [("full-rank: learning-rate split", len(SPLIT_GRID), short), ("full-rank: warmup", len(WARMUPS), short),
-                   ("full-rank: init scale", len(LINEAR_INIT_STDS), short)]
+                   ("full-rank: init scale", len(LINEAR_INIT_STDS), short),
+                   ("the other methods: learning-rate split", len(OTHERS_SPLIT) * (len(methods) - 1), short)]
     future += [(f"{t:,} tokens", len(rows_of(methods)), t) for t in budgets[1:]]
     future += [(f"{longest:,} tokens: rate x0.5 and x2", 2 * len(methods), longest),
                (f"{longest:,} tokens: seeds 1..{seeds - 1}", (seeds - 1) * len(methods), longest)]

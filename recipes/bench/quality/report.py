@@ -13,7 +13,11 @@ from recipes.bench.quality.init_scale import why_section
 from recipes.bench.quality.step_size import step_section
 from recipes.bench.quality.plan import (
     FULL_ONE_LR,
+    MAX_OTHERS_SPLIT,
+    OTHERS_SPLIT,
     Result,
+    Run,
+    best_lr,
     best_run,
     candidates,
     next_stage,
@@ -123,6 +127,7 @@ def report(results: list[Result], args, methods) -> str:
     lines += why_section(results, args.model, tables[short], short, _fmt_tokens(short))
     lines += step_section(args.results, _fmt_tokens(short))
     lines += _full_tuning(results, short)
+    lines += _others_split(results, methods, short)
     lines += _sweep(results, methods, short)
     if longest != short:
         lines += _rate_recheck(results, rows, short, longest)
@@ -141,7 +146,7 @@ def _intro(results: list[Result], args, short: int) -> str:
         f"twice); perplexity on "
         f"{setup.get('valid_tokens', 0):,} tokens of its `valid/*.txt` (other books); both cut into shuffled passages "
         f"of about {setup.get('passage_chars', 0):,} characters (recipes/bench/passages.py). Each method's "
-        f"configuration is the best of its sweep at {_fmt_tokens(short)} tokens (seed 0); at the longest budget its "
+        f"configuration is the best of its sweep and its split at {_fmt_tokens(short)} tokens (seed 0); at the longest budget its "
         f"rate is re-checked at x0.5 and x2 and the best of the three is run with a second seed; the figure is the "
         f"mean over seeds (each seed's value in brackets). **full** is full-rank AdamW tuned on its rate, the "
         f"embeddings'/head's rate against the linear layers' (`--linear-lr-scale`), warmup and its decoder's init scale (`--linear-init-std`; its "
@@ -210,6 +215,27 @@ def _sweep(results: list[Result], methods, short: int) -> list[str]:
             lines.append(f"| {m} | " + ", ".join(f"{r.run.lr:g}: {r.ppl:.1f}" for r in tried) + " |")
     lines.append("")
     return lines
+
+
+def _others_split(results: list[Result], methods, short: int) -> list[str]:
+    """Each method but full-rank at its best single rate, and with the embeddings and head at 2x, 4x (8x) it."""
+    done = {r.run: r.ppl for r in results}
+    factors = [*OTHERS_SPLIT, MAX_OTHERS_SPLIT]
+    rows = []
+    for m in methods:
+        lr = best_lr(results, m, 0, short)
+        if m == "full" or lr is None:
+            continue
+        cells = [done.get(Run(m, round_lr(lr * f), 0, short, linear_lr_scale=1 / f)) for f in factors]
+        if any(c is not None for c in cells):
+            rows.append(f"| {m} | {lr:g}: {done[Run(m, lr, 0, short)]:.1f} | "
+                        + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+    if not rows:
+        return []
+    return [f"### The other methods' split ({_fmt_tokens(short)} tokens, seed 0; valid ppl)", "",
+            "Full-rank's split for every other method: the embeddings, head and norms at a multiple of the method's "
+            "best single rate, its decoder's linear layers at that rate.", "",
+            "| method | best single rate | embeddings and head x2 | x4 | x8 |", "|---|---|---|---|---|", *rows, ""]
 
 
 def _rate_recheck(results: list[Result], rows, short: int, longest: int) -> list[str]:
