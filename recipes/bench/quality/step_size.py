@@ -1,11 +1,9 @@
 """How far one optimizer step moves each part of the model, at each method's best rate.
 
-A candidate explanation of the study's short-budget ranking is the size of the steps: with Adam a step
-moves every weight by about the learning rate, so a dense decoder layer's output moves much further per step
-than a factorised or sparse one's at the same rate, while the embeddings and the head (dense in every
-method) move by the same amount. If each method's best rate is the one at which its decoder layers move
-about as far per step as full-rank's do at its own best rate, the structured methods reach that rate 2-3x
-higher, and their embeddings and head learn 2-3x faster.
+One way to ask why the methods rank as they do at short budgets: how far does one optimizer step move
+each part of the model at each configuration's rates? The decoder's linear layers are each method's own
+(dense, factorised, sparse), the embeddings and head are dense in every method, and with one learning rate
+for the whole model a method cannot move them independently (``--linear-lr-scale`` can).
 
 This replays the first steps of each configuration's 1M-token run (the same command, seed and data order,
 hence the same schedule: the peak rate is reached at the end of the warm-up) and measures, at each step of
