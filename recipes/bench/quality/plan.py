@@ -36,7 +36,7 @@ SPLIT_GRID = [(2.5, 0.25), (2.5, 0.125), (5.0, 0.125), (5.0, 0.25)]
 # the method's best single rate, the decoder's linear layers at that rate (--linear-lr-scale 1/multiple); one
 # more factor of 2 where the largest is the best.
 OTHERS_SPLIT = [2.0, 4.0]
-MAX_OTHERS_SPLIT = 8.0
+OTHERS_SPLIT_EDGE = 8.0
 WARMUPS = [0.03, 0.3]  # around the recipe's 0.1 (a fraction of the steps)
 # The std of the decoder's linear weights (--linear-init-std), around transformers' 0.02: the structured methods'
 # layers start 0.25-0.4x as large as full-rank's (recipes/bench/quality/init_scale.py), hence two steps down.
@@ -211,22 +211,23 @@ def full_tuning_stages(results: list[Result], short: int):
     yield "full-rank: init scale", [best.at(linear_init_std=s) for s in LINEAR_INIT_STDS]
 
 
+def split_run(method: str, lr: float, factor: float, tokens: int) -> Run:
+    """``method`` with its embeddings and head at ``factor`` times ``lr`` and its decoder at ``lr`` (seed 0)."""
+    return Run(method, round_lr(lr * factor), 0, tokens, linear_lr_scale=1 / factor)
+
+
 def others_split_stages(results: list[Result], methods, short: int):
     """The split of every method but full-rank at the short budget: the embeddings and head at 2x and 4x the
     method's best single rate with its decoder at that rate, then 8x where 4x is the best so far."""
-    def split(method: str, lr: float, factor: float) -> Run:
-        return Run(method, round_lr(lr * factor), 0, short, linear_lr_scale=1 / factor)
-
     best = {m: best_lr(results, m, 0, short) for m in methods if m != "full"}
     best = {m: lr for m, lr in best.items() if lr is not None}
-    yield "the other methods: learning-rate split", [split(m, lr, f) for m, lr in best.items() for f in OTHERS_SPLIT]
+    yield "the other methods: learning-rate split", [split_run(m, lr, f, short) for m, lr in best.items() for f in OTHERS_SPLIT]
     done = {r.run: r.ppl for r in results}
     extra = []
     for m, lr in best.items():
-        tried = {1.0: done.get(Run(m, lr, 0, short)), **{f: done.get(split(m, lr, f)) for f in OTHERS_SPLIT}}
-        top = max(OTHERS_SPLIT)
-        if all(v is not None for v in tried.values()) and min(tried, key=tried.get) == top and 2 * top <= MAX_OTHERS_SPLIT:
-            extra.append(split(m, lr, 2 * top))
+        tried = {1.0: done.get(Run(m, lr, 0, short)), **{f: done.get(split_run(m, lr, f, short)) for f in OTHERS_SPLIT}}
+        if None not in tried.values() and min(tried, key=tried.get) == OTHERS_SPLIT[-1]:
+            extra.append(split_run(m, lr, OTHERS_SPLIT_EDGE, short))
     if extra:
         yield "the other methods: split edges", extra
 

@@ -13,8 +13,8 @@ from recipes.bench.quality.init_scale import why_section
 from recipes.bench.quality.step_size import step_section
 from recipes.bench.quality.plan import (
     FULL_ONE_LR,
-    MAX_OTHERS_SPLIT,
     OTHERS_SPLIT,
+    OTHERS_SPLIT_EDGE,
     Result,
     Run,
     best_lr,
@@ -26,6 +26,7 @@ from recipes.bench.quality.plan import (
     rows_of,
     runs_left_estimate,
     seconds_per_token,
+    split_run,
     tokens_left_estimate,
 )
 
@@ -220,13 +221,13 @@ def _sweep(results: list[Result], methods, short: int) -> list[str]:
 def _others_split(results: list[Result], methods, short: int) -> list[str]:
     """Each method but full-rank at its best single rate, and with the embeddings and head at 2x, 4x (8x) it."""
     done = {r.run: r.ppl for r in results}
-    factors = [*OTHERS_SPLIT, MAX_OTHERS_SPLIT]
+    factors = [*OTHERS_SPLIT, OTHERS_SPLIT_EDGE]
     rows = []
     for m in methods:
         lr = best_lr(results, m, 0, short)
         if m == "full" or lr is None:
             continue
-        cells = [done.get(Run(m, round_lr(lr * f), 0, short, linear_lr_scale=1 / f)) for f in factors]
+        cells = [done.get(split_run(m, lr, f, short)) for f in factors]
         if any(c is not None for c in cells):
             rows.append(f"| {m} | {lr:g}: {done[Run(m, lr, 0, short)]:.1f} | "
                         + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")

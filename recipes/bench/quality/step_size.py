@@ -108,10 +108,10 @@ def step_changes(model, optimizer, scheduler, x) -> tuple[float, dict, float, fl
 
     from recipes.pretrain import decoder_linears
 
-    seen = {}  # module -> (input, output) in this step's forward; the base model -> its last hidden state
+    seen, last = {}, {}  # decoder linear -> its (input, output) in this step's forward; the last hidden state
     hooks = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, (i[0].detach(), o.detach())))
              for m in decoder_linears(model)]
-    hooks.append(model.base_model.register_forward_hook(lambda m, i, o: seen.__setitem__("hidden", o[0].detach())))
+    hooks.append(model.base_model.register_forward_hook(lambda m, i, o: last.__setitem__("hidden", o[0].detach())))
     try:
         head, embedding, rows = model.get_output_embeddings(), model.get_input_embeddings(), x.unique()
         head_before, rows_before = head.weight.detach().clone(), embedding.weight[rows].detach().clone()
@@ -120,7 +120,7 @@ def step_changes(model, optimizer, scheduler, x) -> tuple[float, dict, float, fl
         for hook in hooks:
             hook.remove()
     with torch.no_grad():
-        hidden = seen.pop("hidden")
+        hidden = last["hidden"]
         head_change = _relative(F.linear(hidden, head.weight), F.linear(hidden, head_before))
         changes = {m: _relative(m(inputs), outputs) for m, (inputs, outputs) in seen.items()}
         return loss, changes, head_change, _relative(embedding.weight[rows], rows_before)
