@@ -105,6 +105,24 @@ def test_entry_dots_are_the_sampled_entries_of_grad_t_x(problem):
     torch.testing.assert_close(dots.double(), expected, **TOLERANCE[dtype])
 
 
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(problem=kernel_problems(), transposed=st.booleans(), rank=st.integers(1, 9), alpha=st.floats(-2, 2))
+def test_sparse_plus_mm_adds_the_gemm_to_the_sparse_product(problem, transposed, rank, alpha):
+    support, col, values, x, grad, dtype, threads = problem
+    left = torch.randn(x.shape[0], rank, dtype=torch.float64)
+    right = torch.randn(rank, support.shape[1 if transposed else 0], dtype=torch.float64)
+    inputs = grad if transposed else x
+    with num_threads(threads):
+        y = native.sparse_plus_mm(
+            inputs.to(dtype), support.crow_indices, col, values.to(dtype), left.to(dtype), right.to(dtype), alpha,
+            transposed,
+        )
+    dense = dense_of(support, values)
+    expected = inputs @ (dense if transposed else dense.t()) + alpha * left @ right
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+
+
 def rows_of(support: SparseSupport) -> torch.Tensor:
     """Each entry's row, from the row pointers by a plain loop (not the code under test)."""
     crow = support.crow_indices.tolist()
@@ -185,6 +203,8 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(native.spmm_add_op, (x, crow, col, values, torch.zeros(20, 40), overwrite))
         torch.library.opcheck(native.spmm_t_add_op, (grad, crow, col, values, torch.zeros(20, 30), overwrite))
     torch.library.opcheck(native.entry_dots_op, (grad, x, crow, col))
+    for inputs, right, transposed in ((x, torch.randn(3, 40), False), (grad, torch.randn(3, 30), True)):
+        torch.library.opcheck(native.sparse_plus_mm_op, (inputs, crow, col, values, torch.randn(20, 3), right, 0.5, transposed))
 
 
 @needs_native
@@ -196,8 +216,9 @@ def test_eager_calls_show_in_the_profiler_under_the_ops_names():
         native.spmm_add_(x, support.crow_indices, support.col_indices, values, torch.zeros(20, 40))
         native.spmm_t_add_(grad, support.crow_indices, support.col_indices, values, torch.zeros(20, 30))
         native.entry_dots(grad, x, support.crow_indices, support.col_indices)
+        native.sparse_plus_mm(x, support.crow_indices, support.col_indices, values, torch.ones(20, 1), torch.ones(1, 40))
     names = {event.key for event in profile.key_averages()}
-    assert {"lsparam::spmm_add_", "lsparam::spmm_t_add_", "lsparam::entry_dots"} <= names
+    assert {"lsparam::spmm_add_", "lsparam::spmm_t_add_", "lsparam::entry_dots", "lsparam::sparse_plus_mm"} <= names
 
 
 def _sltrain_forward_backward(dtype):

@@ -11,12 +11,11 @@ from lsparam.config import SLTrainConfig, resolve_rank
 from lsparam.methods.base import StructuredParametrization
 from lsparam.methods.svd import balanced_factors, svd
 from lsparam.sparse.matmul import (
-    bag_sum,
     entry_dots,
-    input_grad,
     is_shape_only,
     resolve_backend,
     sparse_linear,
+    sparse_plus_mm,
 )
 from lsparam.sparse.support import (
     SparseSupport,
@@ -54,8 +53,7 @@ class _GatherSLTrainLinear(torch.autograd.Function):
     def forward(ctx, x, B, A, values, support: SparseSupport, scale: float):
         x2 = x.reshape(-1, x.shape[-1])
         hidden = x2 @ A.t()
-        y = bag_sum(x2, support.crow_indices, support.col_indices, values, support.shape[0])
-        y.addmm_(hidden, B.t(), alpha=scale)
+        y = sparse_plus_mm(x2, values, support, hidden, B.t(), scale)
         ctx.support, ctx.scale = support, scale
         ctx.save_for_backward(x, B, A, values, hidden)
         return y.reshape(*x.shape[:-1], support.shape[0])
@@ -72,7 +70,7 @@ class _GatherSLTrainLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_A = grad_hidden.t() @ x2
         if ctx.needs_input_grad[0]:
-            grad_x = input_grad(g2, values, support).addmm_(grad_hidden, A).reshape(x.shape)
+            grad_x = sparse_plus_mm(g2, values, support, grad_hidden, A, 1.0, transposed=True).reshape(x.shape)
         if ctx.needs_input_grad[3]:
             grad_values = entry_dots(g2, x2, support)
         return grad_x, grad_B, grad_A, grad_values, None, None

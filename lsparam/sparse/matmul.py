@@ -75,6 +75,20 @@ def input_grad(grad: torch.Tensor, values: torch.Tensor, support: SparseSupport,
     return bag_sum(grad, crow_t, col_t, values.index_select(0, perm), support.shape[1], out=out)
 
 
+def sparse_plus_mm(
+    x: torch.Tensor, values: torch.Tensor, support: SparseSupport, left: torch.Tensor, right: torch.Tensor,
+    alpha: float, transposed: bool = False,
+) -> torch.Tensor:
+    """``x Sᵀ + alpha · left @ right`` (``x S + ...`` with ``transposed``: ``dX``), the GEMM adding into the
+    sparse product (its beta = 1): no temporary for either term, no pass reading one back. One op on the
+    native kernels (:func:`lsparam.sparse.native.sparse_plus_mm`, which says why)."""
+    if native.available(x, values, left, right):
+        crow, col = support.crow_indices, support.col_indices
+        return native.sparse_plus_mm(x, crow, col, values, left, right, alpha, transposed)
+    y = input_grad(x, values, support) if transposed else bag_sum(x, support.crow_indices, support.col_indices, values, support.shape[0])
+    return y.addmm_(left, right, alpha=alpha)
+
+
 def entry_dots(grad: torch.Tensor, x: torch.Tensor, support: SparseSupport) -> torch.Tensor:
     """``dV[k] = Σ_t grad[t, row k] · x[t, col k]``, the gradient of the values, one block of tokens at a time."""
     if native.available(grad, x):
