@@ -82,10 +82,10 @@ def sparse_plus_mm(
     """``x Sᵀ + alpha · left @ right`` (``x S + ...`` with ``transposed``: ``dX``), the GEMM adding into the
     sparse product (its beta = 1): no temporary for either term, no pass reading one back. One op on the
     native kernels (:func:`lsparam.sparse.native.sparse_plus_mm`, which says why)."""
+    crow, col = support.crow_indices, support.col_indices
     if native.available(x, values, left, right):
-        crow, col = support.crow_indices, support.col_indices
         return native.sparse_plus_mm(x, crow, col, values, left, right, alpha, transposed)
-    y = input_grad(x, values, support) if transposed else bag_sum(x, support.crow_indices, support.col_indices, values, support.shape[0])
+    y = input_grad(x, values, support) if transposed else bag_sum(x, crow, col, values, support.shape[0])
     return y.addmm_(left, right, alpha=alpha)
 
 
