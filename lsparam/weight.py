@@ -6,6 +6,8 @@ method's factorised forward (no dense ``out×in`` matrix is built, none is saved
 ``torch.addmm(bias, x, weight)`` and ``x @ weight`` on the ``in×out`` weight of transformers' ``Conv1D``.
 Any other use (user code reading ``.weight``, ``merge``, printing) materialises the dense matrix on demand
 through the method's differentiable formula, or raises :class:`NoDenseFormError` for methods that have none.
+Under ``torch.autocast`` (what ``Trainer``'s ``bf16``/``fp16`` use) the factorised product runs as autocast
+runs ``F.linear``: in the autocast dtype, with gradients reaching the factors in their own dtype.
 
 It is a ``__torch_function__``-only subclass (no ``__torch_dispatch__``), made with ``as_subclass``: that is
 what ``torch.compile`` can build inside a compiled region and see through, so a parametrized model compiles
@@ -119,8 +121,8 @@ class StructuredWeight(torch.Tensor):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if isinstance(weight, StructuredWeight) and not weight.parametrization.transposed and not isinstance(x, StructuredWeight):
-                y = weight.parametrization.linear(x, *weight.factors)
-                return y if bias is None else y + bias
+                y = factorised_product(weight, x)
+                return y if bias is None else y + bias.to(y.dtype)
         elif func is torch.addmm or func in _MATMUL_FUNCS:
             y = _transposed_product(func, args, kwargs)
             if y is not None:
@@ -177,8 +179,54 @@ def _transposed_product(func, args, kwargs):
         return None
     if x is None or x.dim() < 1:
         return None
-    y = weight.parametrization.linear(x, *weight.factors)
+    y = factorised_product(weight, x)
     if func is not torch.addmm:
         return y
     y = y if alpha == 1 else alpha * y
+    bias = bias.to(y.dtype)  # autocast would have cast it for addmm; a no-op otherwise (addmm needs one dtype)
     return y if beta == 0 else y + (bias if beta == 1 else beta * bias)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or ``None`` (also where autocast does not apply, as
+    on the meta device).
+
+    Example:
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     autocast_dtype("cpu")
+        torch.bfloat16
+        >>> autocast_dtype("cpu") is None
+        True
+    """
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:
+        return None
+
+
+def factorised_product(weight: StructuredWeight, x: torch.Tensor) -> torch.Tensor:
+    """``x Wᵀ`` (``x W`` for an ``in×out`` weight) through the weight's factors, never a dense ``W``.
+
+    Under autocast it runs as autocast runs ``F.linear``: ``x`` and the floating-point factors cast to the
+    autocast dtype and the method's product computed in it, autocast paused inside so that the method's
+    own kernels and hand-written backward see one dtype (mixing bfloat16 activations with float32
+    factors fails in a GEMM); the factors' gradients come back in their own dtype through the casts.
+
+    Example:
+        >>> import lsparam
+        >>> layer = torch.nn.Linear(16, 8, bias=False)
+        >>> _ = lsparam.parametrize(layer, lsparam.LOSTConfig(rank=4, channel_ratio=0.25), target_modules=None)
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     y = layer(torch.randn(2, 16))
+        >>> y.dtype, layer.parametrizations.weight.original0.dtype
+        (torch.bfloat16, torch.float32)
+    """
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None:
+        return weight.parametrization.linear(x, *weight.factors)
+
+    def low(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    with torch.autocast(x.device.type, enabled=False):
+        return weight.parametrization.linear(low(x), *(low(f) for f in weight.factors))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +32,6 @@ def cola_init_std(rank: int, out_features: int, in_features: int) -> float:
     return rank ** -0.25 * (in_features + out_features) ** -0.25
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in force for ``device_type``, or ``None`` (also where autocast does not apply, as
-    on the meta device)."""
-    try:
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    except RuntimeError:
-        return None
-
-
 class _CoLALinear(torch.autograd.Function):
     """``y = σ(x Aᵀ) Bᵀ`` with a hand-written backward that keeps at most ``x Aᵀ``.
 
@@ -55,7 +45,6 @@ class _CoLALinear(torch.autograd.Function):
         pre = F.linear(x, A)
         y = F.linear(_ACTIVATIONS[activation][0](pre), B)
         ctx.activation = activation
-        ctx.autocast = _autocast_dtype(x.device.type)  # backward recomputes at the forward's precision
         ctx.save_for_backward(x, B, A, None if recompute else pre)
         return y
 
@@ -63,20 +52,20 @@ class _CoLALinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, B, A, pre = ctx.saved_tensors
         act, act_backward = _ACTIVATIONS[ctx.activation]
-        precision = contextlib.nullcontext() if ctx.autocast is None else torch.autocast(x.device.type, ctx.autocast)
-        with precision:
-            if pre is None:
-                pre = F.linear(x, A)
-            rank = pre.shape[-1]
-            g2, pre2 = grad_out.reshape(-1, grad_out.shape[-1]), pre.reshape(-1, rank)
-            grad_x = grad_B = grad_A = None
-            if ctx.needs_input_grad[1]:
-                grad_B = g2.t() @ act(pre2)
-            grad_pre = act_backward(g2 @ B, pre2)
-            if ctx.needs_input_grad[2]:
-                grad_A = grad_pre.t() @ x.reshape(-1, x.shape[-1])
-            if ctx.needs_input_grad[0]:
-                grad_x = (grad_pre @ A).reshape(x.shape)
+        # under autocast x and the factors arrive already cast (lsparam.weight.factorised_product), so a
+        # recomputed x Aᵀ has the forward's precision
+        if pre is None:
+            pre = F.linear(x, A)
+        rank = pre.shape[-1]
+        g2, pre2 = grad_out.reshape(-1, grad_out.shape[-1]), pre.reshape(-1, rank)
+        grad_x = grad_B = grad_A = None
+        if ctx.needs_input_grad[1]:
+            grad_B = g2.t() @ act(pre2)
+        grad_pre = act_backward(g2 @ B, pre2)
+        if ctx.needs_input_grad[2]:
+            grad_A = grad_pre.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_pre @ A).reshape(x.shape)
         return grad_x, grad_B, grad_A, None, None
 
 
