@@ -122,7 +122,7 @@ class StructuredWeight(torch.Tensor):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if isinstance(weight, StructuredWeight) and not weight.parametrization.transposed and not isinstance(x, StructuredWeight):
                 y = factorised_product(weight, x)
-                return y if bias is None else y + bias.to(y.dtype)
+                return y if bias is None else y + bias.to(y.dtype)  # cast as autocast casts F.linear's bias
         elif func is torch.addmm or func in _MATMUL_FUNCS:
             y = _transposed_product(func, args, kwargs)
             if y is not None:
