@@ -131,6 +131,20 @@ def test_trainer_trains_and_resumes_to_the_same_parameters(tmp_path, config, per
     assert_same_params(params(restored), final)
 
 
+@pytest.mark.parametrize("config", [LOST, SLTRAIN], ids=["lost", "sltrain"])
+def test_trainer_with_bf16_mixed_precision_trains_float32_factors(tmp_path, config):
+    """``bf16=True`` runs the model under autocast: the factorised products in bf16, the factors and the
+    optimizer in float32 (these layers failed with a dtype error there)."""
+    data = dataset()
+    model = parametrized(config)
+    before = mean_loss(model, data)
+    args = training_args(tmp_path, bf16=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(lsparam.hf.lean_optimizer(model, args), None))
+    trainer.train()
+    assert mean_loss(model, data) < before - 0.1  # it learns
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_resume_into_a_model_with_another_config_is_refused(tmp_path):
     data = dataset()
     model = parametrized(LOST)
