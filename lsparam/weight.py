@@ -187,16 +187,10 @@ def _transposed_product(func, args, kwargs):
     return y if beta == 0 else y + (bias if beta == 1 else beta * bias)
 
 
-def autocast_dtype(device_type: str) -> torch.dtype | None:
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype in force for ``device_type``, or ``None`` (also where autocast does not apply, as
     on the meta device).
 
-    Example:
-        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
-        ...     autocast_dtype("cpu")
-        torch.bfloat16
-        >>> autocast_dtype("cpu") is None
-        True
     """
     try:
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
@@ -221,7 +215,7 @@ def factorised_product(weight: StructuredWeight, x: torch.Tensor) -> torch.Tenso
         >>> y.dtype, layer.parametrizations.weight.original0.dtype
         (torch.bfloat16, torch.float32)
     """
-    dtype = autocast_dtype(x.device.type)
+    dtype = _autocast_dtype(x.device.type)
     if dtype is None:
         return weight.parametrization.linear(x, *weight.factors)
 

@@ -28,66 +28,57 @@ CONFIGS = {
 }
 
 
-def move_off_init(factors) -> None:
-    """Every factor a little off its init: SLTrain starts with B = 0, where A's gradient is zero (and its
-    relative error 0 / 0)."""
-    generator = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(1)
+def structured_cuda_layer(name, dtype):
+    """A 384 -> 256 layer of ``name`` on CUDA in ``dtype``, its parametrization and factors, every factor a
+    little off its init: SLTrain starts with B = 0, where A's gradient is zero (and its relative error 0/0)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(384, 256, bias=False, device="cuda", dtype=dtype)
+    lsparam.parametrize(layer, CONFIGS[name], target_modules=None)
+    p = layer.parametrizations.weight[0]
+    factors = [getattr(layer.parametrizations.weight, f"original{i}") for i in range(len(p.factor_names))]
+    generator = torch.Generator(device="cuda").manual_seed(1)
     with torch.no_grad():
         for factor in factors:
             factor.add_(0.05 * torch.randn(factor.shape, device=factor.device, generator=generator).to(factor.dtype))
+    return layer, p, factors
+
+
+def assert_matches_float64(name, p, factors, x, y, grad):
+    """``y`` and the gradients of ``x`` and the factors against the published formula in float64 on the CPU,
+    within 3% (of the output's scale; relative for each gradient)."""
+    x64 = x.detach().cpu().double().requires_grad_()
+    f64 = [f.detach().cpu().double().requires_grad_() for f in factors]
+    y64 = reference_forward(copy.deepcopy(p).to("cpu"), f64, x64)  # buffers (supports, channels) on the CPU
+    y64.backward(grad.cpu().double())
+    assert (y.cpu().double() - y64).abs().max().item() <= 3e-2 * y64.abs().max().item(), name
+    for got, want, what in [(x.grad, x64.grad, "dX"), *[(f.grad, w.grad, n) for f, w, n in zip(factors, f64, p.factor_names)]]:
+        err = (got.cpu().double() - want).norm() / want.norm()
+        assert err <= 3e-2, f"{name}: {what} relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_bf16_layer_matches_float64_math(name):
     """Forward and input/factor gradients of a bf16 CUDA layer against the published formula in float64."""
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(384, 256, bias=False, device="cuda", dtype=torch.bfloat16)
-    lsparam.parametrize(layer, CONFIGS[name], target_modules=None)
-    p = layer.parametrizations.weight[0]
-    factors = [getattr(layer.parametrizations.weight, f"original{i}") for i in range(len(p.factor_names))]
-    move_off_init(factors)
+    layer, p, factors = structured_cuda_layer(name, torch.bfloat16)
     x = torch.randn(512, 384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
     y = layer(x)
     y.backward(grad)
-
-    x64 = x.detach().cpu().double().requires_grad_()
-    f64 = [f.detach().cpu().double().requires_grad_() for f in factors]
-    p64 = copy.deepcopy(p).to("cpu")  # buffers (supports, channels) on the CPU for the reference
-    y64 = reference_forward(p64, f64, x64)
-    y64.backward(grad.cpu().double())
-    scale = y64.abs().max().item()
-    assert (y.cpu().double() - y64).abs().max().item() <= 3e-2 * scale, name
-    for got, want, what in [(x.grad, x64.grad, "dX"), *[(f.grad, w.grad, n) for f, w, n in zip(factors, f64, p.factor_names)]]:
-        err = (got.cpu().double() - want).norm() / want.norm()
-        assert err <= 3e-2, f"{name}: {what} relative error {err:.3g}"
+    assert_matches_float64(name, p, factors, x, y, grad)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_autocast_layer_matches_float64_math(name):
     """Float32 factors under torch.autocast (Trainer's bf16=True): the product in bf16, the gradients in
     float32, against the published formula in float64."""
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(384, 256, bias=False, device="cuda")
-    lsparam.parametrize(layer, CONFIGS[name], target_modules=None)
-    p = layer.parametrizations.weight[0]
-    factors = [getattr(layer.parametrizations.weight, f"original{i}") for i in range(len(p.factor_names))]
-    move_off_init(factors)
+    layer, p, factors = structured_cuda_layer(name, torch.float32)
     x = torch.randn(512, 384, device="cuda", requires_grad=True)
     grad = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = layer(x)
     y.backward(grad)
     assert y.dtype == torch.bfloat16 and all(f.grad.dtype == torch.float32 for f in factors), name
-
-    x64 = x.detach().cpu().double().requires_grad_()
-    f64 = [f.detach().cpu().double().requires_grad_() for f in factors]
-    y64 = reference_forward(copy.deepcopy(p).to("cpu"), f64, x64)
-    y64.backward(grad.cpu().double())
-    assert (y.cpu().double() - y64).abs().max().item() <= 3e-2 * y64.abs().max().item(), name
-    for got, want, what in [(x.grad, x64.grad, "dX"), *[(f.grad, w.grad, n) for f, w, n in zip(factors, f64, p.factor_names)]]:
-        err = (got.cpu().double() - want).norm() / want.norm()
-        assert err <= 3e-2, f"{name}: {what} relative error {err:.3g}"
+    assert_matches_float64(name, p, factors, x, y, grad)
 
 
 def test_the_ledger_matches_the_cuda_allocator():
