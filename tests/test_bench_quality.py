@@ -22,6 +22,7 @@ from recipes.bench.quality.execute import execute, finish, setup_of
 from recipes.bench.quality.plan import (
     FULL_ONE_LR,
     GRIDS,
+    MAX_SPLIT_EXTENSIONS,
     Result,
     Run,
     best_run,
@@ -161,15 +162,22 @@ def test_the_plan_sweeps_tunes_full_rank_then_grows_the_budget():
     assert best_full.linear_lr_scale != 1 and best_full.warmup == 0.03 and not best_full.init_changed
     inits = dict(stages)["full-rank: init scale"]
     assert [r.linear_init_std for r in inits] == [0.005, 0.01, 0.04] and all(r.warmup == 0.03 for r in inits)
-    # the others' split: the embeddings and head at 2x and 4x each one's best rate, the decoder at it; 8x
-    # where 4x is the best (SLTrain's, in this synthetic study)
+    # the others' split: the embeddings and head at 2x and 4x each one's best rate, the decoder at it
     others = dict(stages)["the other methods: learning-rate split"]
     assert {(r.method, r.lr, r.linear_lr_scale) for r in others if r.method == "lost"} == {("lost", 1.5e-3, 0.5), ("lost", 3e-3, 0.25)}
     assert len(others) == 2 * 5 and all(r.tokens == 1_000_000 for r in others)
-    assert dict(stages)["the other methods: split edges"] == [Run("sltrain", 1.2e-2, 0, 1_000_000, linear_lr_scale=0.125)]
+    # then out along the edges holding the best: SLTrain gains from every doubling of its embeddings' rate in
+    # this synthetic study, so its head rate doubles until the allowance is spent; the others gain nothing
+    # from the split (x2 and x4 tie, the lower counts as best) and try their decoder at half rate, once
+    edges = [r for n, s in stages if n == "the other methods: split edges" for r in s]
+    mine = [r for r in edges if r.method == "sltrain"]
+    assert len(mine) == MAX_SPLIT_EXTENSIONS and {1.2e-2, 2.4e-2, 4.8e-2, 9.6e-2} <= {r.lr for r in mine}
+    assert all(math.isclose(r.lr * r.linear_lr_scale, 1.5e-3) for r in mine if r.lr >= 2.4e-2)
+    assert {(r.method, r.lr, r.linear_lr_scale) for r in edges if r.method != "sltrain"} == {
+        ("lowrank", 1.5e-3, 0.25), ("lost", 1.5e-3, 0.25), ("lost-silu", 6e-3, 0.25), ("cola", 2.4e-2, 0.25)}
     # every longer budget runs each row at its best configuration of the sweep, "full, one lr" included
     at_2m = dict(stages)["2,000,000 tokens"]
-    assert Run("sltrain", 1.2e-2, 0, 2_000_000, linear_lr_scale=0.125) in at_2m
+    assert Run("sltrain", 9.6e-2, 0, 2_000_000, linear_lr_scale=0.015625) in at_2m
     assert best_full.at(tokens=2_000_000) in at_2m and Run("full", 1e-3, 0, 2_000_000) in at_2m
     assert Run("lost-silu", 3e-3, 0, 2_000_000) in at_2m and len(at_2m) == 7
     # the longest budget: x0.5 and x2 of each method (not of "full, one lr"), then seed 1 of the best of three
@@ -206,10 +214,10 @@ def test_the_plan_stops_at_the_first_unfinished_stage_and_the_estimate_counts_do
 
 def test_split_extensions_step_out_along_the_edge_axes():
     tried = {(2.5e-3, 6.25e-4): 300.0, (2.5e-3, 3.125e-4): 310.0, (5e-3, 6.25e-4): 305.0, (5e-3, 1.25e-3): 320.0}
-    assert split_extensions(tried, 1e-3) == [(1.25e-3, 6.25e-4)]  # best at the lowest head rate
+    assert split_extensions(tried) == [(1.25e-3, 6.25e-4)]  # best at the lowest head rate
     tried[(5e-3, 3.125e-4)] = 290.0  # now best at the highest head rate and the lowest linear rate
-    assert split_extensions(tried, 1e-3) == [(1e-2, 3.125e-4), (5e-3, 1.5625e-4)]
-    assert split_extensions({(1e-3, 1e-4): math.inf}, 1e-3) == []
+    assert split_extensions(tried) == [(1e-2, 3.125e-4), (5e-3, 1.5625e-4)]
+    assert split_extensions({(1e-3, 1e-4): math.inf}) == []
 
 
 # ---- result files ----------------------------------------------------------------------------------
@@ -514,6 +522,6 @@ def test_the_report_shows_the_other_methods_split_beside_their_best_single_rate(
                 Result(Run("lost", 4e-3, 0, 1000, linear_lr_scale=0.25), 185.0, {"status": "finished"}),
                 Result(Run("full", 1e-3, 0, 1000), 250.0, {"status": "finished"})]
     lines = _others_split(results, ["full", "lost"], 1000)
-    assert "| lost | 0.001: 200.0 | 190.0 | 185.0 | - |" in lines
+    assert "| lost | 0.001: 200.0 | 0.002 / 0.001: 190.0, 0.004 / 0.001: **185.0** |" in lines
     assert not any(line.startswith("| full") for line in lines)
     assert _others_split(results[:2], ["lost"], 1000) == []  # no split run yet: no section

@@ -33,16 +33,17 @@ QUICK_GRIDS = {"full": [1e-3, 3e-3], "lost": [3e-3, 1e-2]}
 # --linear-lr-scale). The earlier study's best at 500k was 2.5x with 0.25 (the linear weights at 0.625x).
 SPLIT_GRID = [(2.5, 0.25), (2.5, 0.125), (5.0, 0.125), (5.0, 0.25)]
 # The other methods' split, for fairness with full-rank's: the embeddings, head and norms at these multiples of
-# the method's best single rate, the decoder's linear layers at that rate (--linear-lr-scale 1/multiple); one
-# more factor of 2 where the largest is the best.
+# the method's best single rate, the decoder's linear layers at that rate (--linear-lr-scale 1/multiple).
 OTHERS_SPLIT = [2.0, 4.0]
-OTHERS_SPLIT_EDGE = 8.0
 WARMUPS = [0.03, 0.3]  # around the recipe's 0.1 (a fraction of the steps)
 # The std of the decoder's linear weights (--linear-init-std), around transformers' 0.02: the structured methods'
 # layers start 0.25-0.4x as large as full-rank's (recipes/bench/quality/init_scale.py), hence two steps down.
 LINEAR_INIT_STDS = [0.005, 0.01, 0.04]
 FULL_ONE_LR = "full, one lr"  # full-rank at its best single rate, every other setting the recipe's
-MAX_SPLIT_EXTENSIONS = 2
+# Every method's split then steps out from its first points (full-rank's 2 x 2 grid, the others' x2 and x4) by
+# a factor of 2 along each axis whose edge holds the best point, while it does, up to this many more points:
+# the same allowance for every method, so that no one's best is only the edge of where it was looked for.
+MAX_SPLIT_EXTENSIONS = 6
 
 
 def round_lr(x: float) -> float:
@@ -163,9 +164,9 @@ def best_lr(results: list[Result], method: str, seed: int, tokens: int) -> float
     return min(mine, key=lambda r: (r.ppl, r.run.lr)).run.lr if mine else None
 
 
-def split_extensions(tried: dict[tuple[float, float], float], lr0: float) -> list[tuple[float, float]]:
-    """Full-rank's split grid, as {(head rate, linear rate): ppl}: where its best point lies on an edge of
-    the rates tried, the next point out along that axis (a factor of 2), if not tried yet."""
+def split_extensions(tried: dict[tuple[float, float], float]) -> list[tuple[float, float]]:
+    """A method's split points, as {(head rate, linear rate): ppl}: where the best lies on an edge of the
+    rates tried, the next point out along that axis (a factor of 2), if not tried yet."""
     if not tried:
         return []
     best = min(tried, key=lambda k: (tried[k], k))
@@ -190,25 +191,35 @@ def full_tuning_stages(results: list[Result], short: int):
     is decided by the results of those before it, so stop at the first one that has runs left to do."""
     mine = [r for r in results if (r.run.method, r.run.seed, r.run.tokens) == ("full", 0, short)]
     lr0 = best_lr(results, "full", 0, short)
-    base = Run("full", lr0, 0, short)
-    split = [base.at(lr=lr0 * a, linear_lr_scale=s) for a, s in SPLIT_GRID]
+    split = [Run("full", lr0, 0, short).at(lr=lr0 * a, linear_lr_scale=s) for a, s in SPLIT_GRID]
     yield "full-rank: learning-rate split", split
-
-    def key(run: Run) -> tuple[float, float]:  # (the embeddings'/head's rate, the linear layers' rate)
-        return run.lr, float(f"{run.lr * run.linear_lr_scale:.6g}")
-
-    tried = {key(r.run): r.ppl for r in mine
-             if r.run.warmup is None and not r.run.init_changed and r.run.linear_lr_scale != 1}
-    extended = [k for k in tried if k not in {key(r) for r in split}]
-    extra = split_extensions(tried, lr0)[: max(0, MAX_SPLIT_EXTENSIONS - len(extended))]
+    extra = split_edges(results, split, short)
     if extra:
-        yield "full-rank: split edges", [base.at(lr=h, linear_lr_scale=round_lr(l / h)) for h, l in extra]
+        yield "full-rank: split edges", extra
     pool = [r for r in mine if r.run.warmup is None and not r.run.init_changed]
     best = min(pool, key=lambda r: (r.ppl, r.run.lr)).run
     yield "full-rank: warmup", [best.at(warmup=w) for w in WARMUPS]
     pool = [r for r in mine if not r.run.init_changed]
     best = min(pool, key=lambda r: (r.ppl, r.run.lr)).run
     yield "full-rank: init scale", [best.at(linear_init_std=s) for s in LINEAR_INIT_STDS]
+
+
+def _split_key(run: Run) -> tuple[float, float]:
+    """(the embeddings'/head's rate, the linear layers' rate) of a split run."""
+    return run.lr, float(f"{run.lr * run.linear_lr_scale:.6g}")
+
+
+def split_edges(results: list[Result], first: list[Run], short: int) -> list[Run]:
+    """The next points of a method's split after its ``first`` points and the extensions run so far
+    (:func:`split_extensions`), within ``MAX_SPLIT_EXTENSIONS``; empty once its best is inside the rates tried."""
+    method = first[0].method
+    tried = {_split_key(r.run): r.ppl for r in results
+             if (r.run.method, r.run.seed, r.run.tokens) == (method, 0, short)
+             and r.run.linear_lr_scale != 1 and r.run.warmup is None and not r.run.init_changed}
+    extended = [k for k in tried if k not in {_split_key(r) for r in first}]
+    extra = split_extensions(tried)[: max(0, MAX_SPLIT_EXTENSIONS - len(extended))]
+    # the scale to 6 digits, as _split_key rounds the rate: 4 would turn 1/64 (0.015625) into another rate
+    return [first[0].at(lr=h, linear_lr_scale=float(f"{l / h:.6g}")) for h, l in extra]
 
 
 def split_run(method: str, lr: float, factor: float, tokens: int) -> Run:
@@ -218,16 +229,11 @@ def split_run(method: str, lr: float, factor: float, tokens: int) -> Run:
 
 def others_split_stages(results: list[Result], methods, short: int):
     """The split of every method but full-rank at the short budget: the embeddings and head at 2x and 4x the
-    method's best single rate with its decoder at that rate, then 8x where 4x is the best so far."""
+    method's best single rate with its decoder at that rate, then out along the edges as full-rank's."""
     best = {m: best_lr(results, m, 0, short) for m in methods if m != "full"}
-    best = {m: lr for m, lr in best.items() if lr is not None}
-    yield "the other methods: learning-rate split", [split_run(m, lr, f, short) for m, lr in best.items() for f in OTHERS_SPLIT]
-    done = {r.run: r.ppl for r in results}
-    extra = []
-    for m, lr in best.items():
-        tried = {1.0: done.get(Run(m, lr, 0, short)), **{f: done.get(split_run(m, lr, f, short)) for f in OTHERS_SPLIT}}
-        if None not in tried.values() and min(tried, key=tried.get) == OTHERS_SPLIT[-1]:
-            extra.append(split_run(m, lr, OTHERS_SPLIT_EDGE, short))
+    first = {m: [split_run(m, lr, f, short) for f in OTHERS_SPLIT] for m, lr in best.items() if lr is not None}
+    yield "the other methods: learning-rate split", [run for runs in first.values() for run in runs]
+    extra = [run for runs in first.values() for run in split_edges(results, runs, short)]
     if extra:
         yield "the other methods: split edges", extra
 
@@ -323,7 +329,7 @@ def plan_kw(args, methods) -> dict:
 # ---- what is left ----------------------------------------------------------------------------------
 def _left(results: list[Result], methods, budgets, seeds: int, weight, **kw) -> int:
     """The work still to do, a run counting ``weight(its tokens)``: the runs without a result in the stages
-    known so far, and the stages after them at their fixed sizes (the grid's edges and full-rank's split
+    known so far, and the stages after them at their fixed sizes (the grid's edges and every method's split
     edges, decided as results come in, are counted once they are known)."""
     have = {r.run for r in results}
     left, seen = 0, []
@@ -345,7 +351,7 @@ def _left(results: list[Result], methods, budgets, seeds: int, weight, **kw) -> 
 
 def runs_left_estimate(results: list[Result], methods, budgets, seeds: int, **kw) -> int:
     """Runs still to do: the pending stage's, and the stages after it at their fixed sizes (the grid's
-    edges and full-rank's split edges, decided as results come in, are counted once they are known)."""
+    edges and every method's split edges, decided as results come in, are counted once they are known)."""
     return _left(results, methods, budgets, seeds, lambda tokens: 1, **kw)
 
 

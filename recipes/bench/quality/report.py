@@ -13,8 +13,7 @@ from recipes.bench.quality.init_scale import why_section
 from recipes.bench.quality.step_size import step_section
 from recipes.bench.quality.plan import (
     FULL_ONE_LR,
-    OTHERS_SPLIT,
-    OTHERS_SPLIT_EDGE,
+    MAX_SPLIT_EXTENSIONS,
     Result,
     Run,
     best_lr,
@@ -26,7 +25,6 @@ from recipes.bench.quality.plan import (
     rows_of,
     runs_left_estimate,
     seconds_per_token,
-    split_run,
     tokens_left_estimate,
 )
 
@@ -219,24 +217,29 @@ def _sweep(results: list[Result], methods, short: int) -> list[str]:
 
 
 def _others_split(results: list[Result], methods, short: int) -> list[str]:
-    """Each method but full-rank at its best single rate, and with the embeddings and head at 2x, 4x (8x) it."""
-    done = {r.run: r.ppl for r in results}
-    factors = [*OTHERS_SPLIT, OTHERS_SPLIT_EDGE]
+    """Each method but full-rank at its best single rate, and every split point tried (its best in bold)."""
     rows = []
     for m in methods:
         lr = best_lr(results, m, 0, short)
         if m == "full" or lr is None:
             continue
-        cells = [done.get(split_run(m, lr, f, short)) for f in factors]
-        if any(c is not None for c in cells):
-            rows.append(f"| {m} | {lr:g}: {done[Run(m, lr, 0, short)]:.1f} | "
-                        + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+        single = next(r for r in results if r.run == Run(m, lr, 0, short))
+        split = sorted((r for r in results if (r.run.method, r.run.seed, r.run.tokens) == (m, 0, short)
+                        and r.run.linear_lr_scale != 1), key=lambda r: (r.run.lr * r.run.linear_lr_scale, r.run.lr))
+        if not split:
+            continue
+        best = min([single, *split], key=lambda r: r.ppl)
+        cells = [f"{r.run.lr:g} / {r.run.lr * r.run.linear_lr_scale:.4g}: "
+                 + (f"**{r.ppl:.1f}**" if r is best else f"{r.ppl:.1f}") for r in split]
+        rows.append(f"| {m} | {lr:g}: {single.ppl:.1f} | " + ", ".join(cells) + " |")
     if not rows:
         return []
     return [f"### The other methods' split ({_fmt_tokens(short)} tokens, seed 0; valid ppl)", "",
-            "Full-rank's split for every other method: the embeddings, head and norms at a multiple of the method's "
-            "best single rate, its decoder's linear layers at that rate.", "",
-            "| method | best single rate | embeddings and head x2 | x4 | x8 |", "|---|---|---|---|---|", *rows, ""]
+            "Full-rank's split for every other method: the embeddings, head and norms at 2x and 4x the method's "
+            "best single rate, its decoder's linear layers at that rate; then, as for full-rank, a factor of 2 "
+            "further along each axis whose edge holds the best point (the embeddings' and head's rate up, the "
+            f"decoder's down or up), while it does, up to {MAX_SPLIT_EXTENSIONS} more points.", "",
+            "| method | best single rate | split: embeddings and head / decoder: valid ppl |", "|---|---|---|", *rows, ""]
 
 
 def _rate_recheck(results: list[Result], rows, short: int, longest: int) -> list[str]:
