@@ -189,9 +189,7 @@ def _transposed_product(func, args, kwargs):
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype in force for ``device_type``, or ``None`` (also where autocast does not apply, as
-    on the meta device).
-
-    """
+    on the meta device)."""
     try:
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     except RuntimeError:

@@ -216,7 +216,8 @@ def split_edges(results: list[Result], first: list[Run], short: int) -> list[Run
     tried = {_split_key(r.run): r.ppl for r in results
              if (r.run.method, r.run.seed, r.run.tokens) == (method, 0, short)
              and r.run.linear_lr_scale != 1 and r.run.warmup is None and not r.run.init_changed}
-    extended = [k for k in tried if k not in {_split_key(r) for r in first}]
+    first_keys = {_split_key(r) for r in first}
+    extended = [k for k in tried if k not in first_keys]
     extra = split_extensions(tried)[: max(0, MAX_SPLIT_EXTENSIONS - len(extended))]
     # the scale to 6 digits, as _split_key rounds the rate: 4 would turn 1/64 (0.015625) into another rate
     return [first[0].at(lr=h, linear_lr_scale=float(f"{l / h:.6g}")) for h, l in extra]
