@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 COLUMNS_HELP = """columns (GiB, 1 GiB = 2^30 bytes):
-  method      full-rank, low-rank, SLTrain, LOST (linear), LOST-SiLU, with the papers' per-size settings
+  method      full-rank, low-rank, SLTrain, LOST (linear), LOST-SiLU, CoLA, and CoLA-M (CoLA recomputing
+              its rank-r activation in backward), with the papers' per-size settings
   states      optimizer-state precision: 32 = torch AdamW (states in the parameter dtype), 8/4 = torchao
   per-layer   'yes': updates inside backward, only one parameter's gradient alive at a time
   params(M)   parameter count, millions
@@ -22,17 +24,31 @@ COLUMNS_HELP = """columns (GiB, 1 GiB = 2^30 bytes):
   the row matching --method/--state-bits/--per-layer is marked with '<'"""
 
 
+def _table_methods() -> tuple[str, ...]:
+    """The table's rows: every method, and CoLA-M (CoLA with ``checkpoint=True``), whose activations differ."""
+    from lsparam.presets import METHODS
+
+    return (*METHODS, "cola-m")
+
+
+def _table_config(method: str, size: str | None):
+    from lsparam.presets import method_config
+
+    if method == "cola-m":
+        return dataclasses.replace(method_config("cola", size), checkpoint=True)
+    return method_config(method, size)
+
+
 def _memory_command(args) -> int:
     from lsparam.memory import estimate
-    from lsparam.presets import METHODS, method_config
 
     config, size = _model_config(args.model)
     rows = []
-    for method in METHODS:
+    for method in _table_methods():
         for bits in (32, 8, 4) if args.state_bits == 4 else (32, 8):
             for per_layer in (False, True):
                 breakdown = estimate(
-                    config, method_config(method, size), state_bits=bits, per_layer=per_layer,
+                    config, _table_config(method, size), state_bits=bits, per_layer=per_layer,
                     param_dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                     activation_checkpointing=args.activation_checkpointing, lean_head=args.lean_head,
                 )
@@ -85,7 +101,7 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lsparam.presets import LLAMA_SIZES, METHODS
+    from lsparam.presets import LLAMA_SIZES
 
     parser = argparse.ArgumentParser(prog="lsparam", description="lsparam command line tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -100,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     memory.add_argument("--model", default="llama_7b",
                         help=f"a size ({', '.join(LLAMA_SIZES)}) or a transformers config.json path (default: llama_7b)")
-    memory.add_argument("--method", default="sltrain", choices=METHODS, help="row to mark (default: sltrain)")
+    memory.add_argument("--method", default="sltrain", choices=_table_methods(), help="row to mark (default: sltrain)")
     memory.add_argument("--state-bits", type=int, default=32, choices=(32, 8, 4),
                         help="row to mark; 4 adds the 4-bit rows (default: 32)")
     memory.add_argument("--per-layer", action="store_true", help="row to mark: per-layer updates")

@@ -50,7 +50,7 @@ MUST_MATCH = ("model", "linear_init_std", "method", *KNOBS, "precision", "batch_
 MAY_CHANGE = ("lr", "linear_lr_scale", "weight_decay", "clip_norm", "warmup", "min_lr_ratio", "eval_every", "eval_batches",
               "save_every", "keep", "lean_head", "compile")
 DEFAULT_STEPS = 300  # the offline CPU run when neither --steps nor --tokens is given
-DESCRIPTION = "Pretrain a LLaMA with low-rank plus sparse weights (SLTrain, LOST), or a baseline."
+DESCRIPTION = "Pretrain a LLaMA with low-rank plus sparse weights (SLTrain, LOST), low-rank activations (CoLA), or a baseline."
 
 
 class RecipeError(ValueError):

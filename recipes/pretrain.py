@@ -1,4 +1,4 @@
-"""Pretrain a LLaMA with low-rank plus sparse weights (SLTrain, LOST), or a baseline.
+"""Pretrain a LLaMA with low-rank plus sparse weights (SLTrain, LOST), low-rank activations (CoLA), or a baseline.
 
     python recipes/pretrain.py                                   # llama_9m, LOST, offline corpus, CPU, ~2-3 min
     python recipes/pretrain.py --model llama_60m --method lost --tokens 1.1B --dataset c4

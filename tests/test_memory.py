@@ -1,6 +1,7 @@
 """The memory ledger: counts against real models, bytes against the formulas, the CLI."""
 
 import contextlib
+import dataclasses
 import json
 import math
 
@@ -11,8 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lsparam
 from lsparam.cli import main
 from lsparam.lean_head import use_lean_head
-from lsparam.memory import _storage_bytes, estimate, measure
-from lsparam.presets import METHODS, method_config
+from lsparam.memory import estimate, measure
+from lsparam.memory.peak import _storage_bytes
+from lsparam.presets import METHODS, llama_config, method_config
 from lsparam.sparse import native
 from lsparam.sparse.support import SparseSupport
 
@@ -218,15 +220,36 @@ def test_unknown_size_and_method():
         method_config("galore")
 
 
+def test_a_model_with_a_method_is_refused_not_counted_as_another():
+    """A model is counted as it is: a method beside it would describe some other model."""
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    with pytest.raises(ValueError, match="got method='lost' with a model"):
+        estimate(model, "lost")
+    assert not lsparam.structured_layers(model)  # nothing was parametrized
+
+
 def test_cli_prints_every_method_and_marks_the_chosen_row(capsys):
     assert main(["memory", "--model", "llama_60m", "--method", "sltrain", "--state-bits", "8", "--per-layer"]) == 0
     lines = capsys.readouterr().out.strip().split("\n")
     rows = lines[2:]
-    assert len(rows) == len(METHODS) * 2 * 2
+    assert [r.split()[0] for r in rows[::4]] == [*METHODS, "cola-m"]  # 32/8-bit states x per-layer each
     marked = [r for r in rows if r.endswith("<")]
     assert len(marked) == 1 and marked[0].split()[:3] == ["sltrain", "8", "yes"]
     full_paper = float(rows[0].split()[-2])
     assert full_paper == pytest.approx(estimate("llama_60m", "full").paper / 2**30, abs=0.006)
+
+
+def test_cli_cola_m_row_is_cola_recomputing_its_activation(capsys):
+    assert main(["memory", "--model", "llama_60m", "--batch-size", "4", "--json"]) == 0
+    rows = {(r["method"], r["state_bits"], r["per_layer"]): r for r in json.loads(capsys.readouterr().out)}
+    cola, cola_m = rows[("cola", 32, False)], rows[("cola-m", 32, False)]
+    config = method_config("cola", "llama_60m")
+    expected = estimate("llama_60m", dataclasses.replace(config, checkpoint=True), batch_size=4)
+    assert cola_m["activations"] == expected.activations
+    # the only difference: per decoder linear, one bf16 r-wide activation of the 4 x 256 tokens not saved
+    linears = 7 * llama_config("llama_60m").num_hidden_layers
+    assert cola["activations"] - cola_m["activations"] == linears * 4 * 256 * config.rank * 2
+    assert cola_m["parameter_count"] == cola["parameter_count"]
 
 
 def test_cli_lean_head_prints_the_ledger_of_the_chunked_head(capsys):

@@ -1,24 +1,18 @@
-"""The memory ledger: what a training step needs, predicted from shapes and measured on a device.
+"""The memory ledger's prediction: what a training step needs, by kind, from shapes alone.
 
-:func:`estimate` works from a ``transformers`` config alone: the model is built from fake tensors (shapes
-and dtypes, no storage), parametrized there, and one forward is traced to count the activations
-autograd saves. It answers for LLaMA-7B in about a second.
-
-:func:`measure` runs a training step and reports its peak: CUDA allocator statistics on GPU; on CPU the
-allocator's own allocation and free events (``torch.profiler``), not process RSS, which the allocator
-and the Python heap blur.
+:func:`estimate` works from a ``transformers`` config: the model is built from fake tensors (shapes and
+dtypes, no storage), parametrized there, and one forward is traced to count the activations autograd
+saves. It answers for LLaMA-7B in about a second.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-import warnings
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lsparam.api import parametrize, structured_layers
 from lsparam.extras import require
@@ -31,6 +25,8 @@ from lsparam.sparse.matmul import resolve_backend
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # full-size states per parameter (sgd: momentum)
+
+
 @dataclass
 class MemoryBreakdown:
     """Bytes of one training step, by kind. ``total`` is the modelled peak (see ``peak_phase``).
@@ -74,7 +70,7 @@ class MemoryBreakdown:
         return "\n".join(f"{name:<18} {value / 2**20:10.1f} MiB" for name, value in rows)
 
 
-# ---- counting ------------------------------------------------------------------------------------
+
 def _index_bytes(model: nn.Module, device: torch.device, param_dtype: torch.dtype) -> int:
     """Index bytes each parametrization reports for a run on ``device`` in ``param_dtype`` (supports and the
     caches its path builds, kept channels)."""
@@ -214,8 +210,9 @@ def estimate(
     Args:
         model_or_config: a ``transformers`` config, a size name from ``lsparam.presets`` (e.g.
             ``"llama_7b"``), or a model (parametrized or not; counted as it is).
-        method: ``None``/``"full"``, ``"lowrank"``, ``"sltrain"``, ``"lost"``, ``"lost-silu"`` (papers'
-            per-size defaults) or a config object. Ignored for a model that is already parametrized.
+        method: ``None``/``"full"``, ``"lowrank"``, ``"sltrain"``, ``"lost"``, ``"lost-silu"``, ``"cola"``
+            (papers' per-size defaults) or a config object, for a config or a size name. A model is counted
+            as it is: parametrize it first, and leave ``method`` out.
         optimizer: ``"adamw"``, ``"adam"`` (2 states) or ``"sgd"`` (momentum).
         state_bits: 32, 8 or 4 (torchao's low-bit states, as ``LeanOptimizer`` uses them).
         per_layer: updates inside backward: only one parameter's gradient exists at a time.
@@ -254,6 +251,9 @@ def estimate(
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda'; got device={str(device)!r}")
 
+    if isinstance(model_or_config, nn.Module) and method is not None:
+        raise ValueError(f"method is for a config or a size name; a model is counted as it is (parametrize it "
+                         f"first and leave method out); got method={method!r} with a model")
     size = model_or_config if isinstance(model_or_config, str) else None
     if isinstance(model_or_config, str):
         model_or_config = llama_config(model_or_config)
@@ -342,92 +342,3 @@ def _lean_head_transient(config, predicted_tokens: int, itemsize: int) -> int:
     return logits + low_precision_copy + hidden_states + gradient_sum
 
 
-# ---- measuring -----------------------------------------------------------------------------------
-@dataclass
-class MeasuredPeak:
-    """The peak bytes held by tensors while ``fn`` ran, and what was held before it started."""
-
-    peak: int
-    baseline: int
-    device: str
-
-    def __str__(self) -> str:
-        return f"peak {self.peak / 2**20:.1f} MiB on {self.device} (held before: {self.baseline / 2**20:.1f} MiB)"
-
-
-def _storage_bytes(tensors) -> int:
-    """Bytes of the distinct CPU storages behind ``tensors`` (sparse arrays and wrapper subclasses unpacked)."""
-    seen = {}
-
-    def add(tensor):
-        if tensor.device.type != "cpu":
-            return
-        if tensor.layout == torch.sparse_csr:
-            for part in (tensor.crow_indices(), tensor.col_indices(), tensor.values()):
-                add(part)
-        elif hasattr(tensor, "__tensor_flatten__"):  # wrapper subclasses (torchao states): their inner tensors
-            for name in tensor.__tensor_flatten__()[0]:
-                add(getattr(tensor, name))
-        elif tensor.layout == torch.strided and not is_fake(tensor):  # fake tensors (compile caches) hold nothing
-            storage = tensor.untyped_storage()
-            seen[storage._cdata] = storage.nbytes()
-
-    for tensor in tensors:
-        add(tensor)
-    return sum(seen.values())
-
-
-def _live_tensors():
-    with warnings.catch_warnings():  # isinstance() on some torch objects warns about deprecations
-        warnings.simplefilter("ignore")
-        objects = [obj for obj in gc.get_objects() if _is_tensor(obj)]
-    return objects
-
-
-def _is_tensor(obj) -> bool:
-    try:
-        return isinstance(obj, torch.Tensor)
-    except ReferenceError:
-        return False
-
-
-def measure(fn, *, device=None) -> MeasuredPeak:
-    """Run ``fn()`` (e.g. one training step) and report the peak memory held by tensors.
-
-    On CUDA: ``torch.cuda.max_memory_allocated``. On CPU: the storages of every tensor alive at the
-    start, plus the running balance of the allocator's allocations and frees while ``fn`` runs
-    (recorded by ``torch.profiler`` with ``profile_memory=True``).
-
-    Example:
-        >>> import torch
-        >>> from lsparam.memory import measure
-        >>> x = torch.ones(1024, 1024)  # 4 MiB held before
-        >>> result = measure(lambda: (x * 2).sum(), device="cpu")  # plus a 4 MiB temporary
-        >>> result.baseline >= 4 * 2**20, (result.peak - result.baseline) // 2**20
-        (True, 4)
-    """
-    device = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        baseline = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return MeasuredPeak(torch.cuda.max_memory_allocated(device), baseline, str(device))
-    gc.collect()
-    baseline = _storage_bytes(_live_tensors())
-    # The profiler sees every allocation and free of the CPU allocator, compiled code included
-    # (a dispatch-mode tracker would stop torchao's compiled optimizer steps).
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    changes = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
-    )
-    current = highest = 0
-    for _, nbytes in changes:
-        current += nbytes
-        highest = max(highest, current)
-    return MeasuredPeak(baseline + highest, baseline, "cpu")
