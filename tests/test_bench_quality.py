@@ -147,8 +147,8 @@ def test_the_plan_sweeps_tunes_full_rank_then_grows_the_budget():
     assert [r.lr for r in stages[0][1][:6]] == [GRIDS[m][1] for m in methods]
     # then the grid's edges (LOST-SiLU's best 3e-3 and CoLA's 1.2e-2 lie above their grids), full-rank's
     # tuning, and the budgets in increasing order, the longest's rate check and seeds last
-    order = ["grid edges", "full-rank: learning-rate split", "full-rank: warmup", "full-rank: init scale",
-             "the other methods: learning-rate split", "the other methods: split edges", "2,000,000 tokens", "4,000,000 tokens", "8,000,000 tokens", "8,000,000 tokens: rate x0.5 and x2",
+    order = ["grid edges", "full-rank: learning-rate split", "full-rank: split neighbours", "full-rank: warmup",
+             "full-rank: init scale", "the other methods: learning-rate split", "the other methods: split neighbours", "2,000,000 tokens", "4,000,000 tokens", "8,000,000 tokens", "8,000,000 tokens: rate x0.5 and x2",
              "8,000,000 tokens: seeds 1..1"]
     assert list(dict.fromkeys(n for n in names if n in order)) == order  # a stage may repeat (edges), never go back
     assert names.index("full-rank: learning-rate split") > max(i for i, n in enumerate(names) if n == "grid edges")
@@ -166,13 +166,15 @@ def test_the_plan_sweeps_tunes_full_rank_then_grows_the_budget():
     others = dict(stages)["the other methods: learning-rate split"]
     assert {(r.method, r.lr, r.linear_lr_scale) for r in others if r.method == "lost"} == {("lost", 1.5e-3, 0.5), ("lost", 3e-3, 0.25)}
     assert len(others) == 2 * 5 and all(r.tokens == 1_000_000 for r in others)
-    # then out along the edges holding the best: SLTrain gains from every doubling of its embeddings' rate in
-    # this synthetic study, so its head rate doubles until the allowance is spent; the others gain nothing
-    # from the split (x2 and x4 tie, the lower counts as best) and try their decoder at half rate, once
-    edges = [r for n, s in stages if n == "the other methods: split edges" for r in s]
+    # then the best point's untried neighbours: SLTrain gains from every doubling of its embeddings' rate in
+    # this synthetic study, so its head rate doubles, its decoder's tried at x2 and x0.5 beside each new best,
+    # until the allowance is spent; the others gain nothing from the split (x2 and x4 tie, the lower counts as
+    # best), whose one untried neighbour is the decoder at half rate
+    edges = [r for n, s in stages if n == "the other methods: split neighbours" for r in s]
     mine = [r for r in edges if r.method == "sltrain"]
-    assert len(mine) == MAX_SPLIT_EXTENSIONS and {1.2e-2, 2.4e-2, 4.8e-2, 9.6e-2} <= {r.lr for r in mine}
-    assert all(math.isclose(r.lr * r.linear_lr_scale, 1.5e-3) for r in mine if r.lr >= 2.4e-2)
+    assert len(mine) == MAX_SPLIT_EXTENSIONS
+    assert {r.lr for r in mine if math.isclose(r.lr * r.linear_lr_scale, 1.5e-3)} == {1.2e-2, 2.4e-2, 4.8e-2, 9.6e-2}
+    assert {(r.lr, r.lr * r.linear_lr_scale) for r in mine if r.lr == 2.4e-2} == {(2.4e-2, 1.5e-3), (2.4e-2, 3e-3), (2.4e-2, 7.5e-4)}
     assert {(r.method, r.lr, r.linear_lr_scale) for r in edges if r.method != "sltrain"} == {
         ("lowrank", 1.5e-3, 0.25), ("lost", 1.5e-3, 0.25), ("lost-silu", 6e-3, 0.25), ("cola", 2.4e-2, 0.25)}
     # every longer budget runs each row at its best configuration of the sweep, "full, one lr" included
@@ -212,11 +214,29 @@ def test_the_plan_stops_at_the_first_unfinished_stage_and_the_estimate_counts_do
     assert tokens_left_estimate(results, **kw) == 0
 
 
-def test_split_extensions_step_out_along_the_edge_axes():
+def test_the_estimate_looks_ahead_past_the_pending_stage():
+    """A run of an early stage missing (say the search found one more point to try) while the later budgets
+    have results: the estimate counts what is really left, not the later stages' full sizes."""
+    methods, budgets = ["full", "lost", "cola"], [1000, 2000, 4000]
+    kw = {"methods": methods, "budgets": budgets, "seeds": 2, "max_extensions": 2, "grids": GRIDS, "tune_full": True}
+    stages, results = simulate(methods, budgets)
+    inits = dict(stages)["full-rank: init scale"]
+    worst = max((r for r in results if r.run in inits), key=lambda r: r.ppl)  # not a best: removing it moves none
+    partial = [r for r in results if r is not worst][:-1]  # and the last seed's run not done yet
+    assert next_stage(partial, **kw) == ("full-rank: init scale", [worst.run])
+    assert runs_left_estimate(partial, **kw) == 2
+
+
+def test_split_extensions_try_the_best_points_untried_neighbours():
     tried = {(2.5e-3, 6.25e-4): 300.0, (2.5e-3, 3.125e-4): 310.0, (5e-3, 6.25e-4): 305.0, (5e-3, 1.25e-3): 320.0}
-    assert split_extensions(tried) == [(1.25e-3, 6.25e-4)]  # best at the lowest head rate
-    tried[(5e-3, 3.125e-4)] = 290.0  # now best at the highest head rate and the lowest linear rate
+    # head x0.5 and the decoder x2 are new; head x2 and the decoder x0.5 were tried
+    assert split_extensions(tried) == [(1.25e-3, 6.25e-4), (2.5e-3, 1.25e-3)]
+    tried |= {(1.25e-3, 6.25e-4): 301.0, (2.5e-3, 1.25e-3): 302.0}
+    assert split_extensions(tried) == []  # a best with every neighbour tried: the search ends
+    tried[(5e-3, 3.125e-4)] = 290.0  # a new best inside the rates tried still has untried neighbours
     assert split_extensions(tried) == [(1e-2, 3.125e-4), (5e-3, 1.5625e-4)]
+    # the decoder's rate stays below the head's: from (2e-3, 1e-3) neither head x0.5 nor decoder x2 is a split
+    assert split_extensions({(2e-3, 1e-3): 100.0}) == [(4e-3, 1e-3), (2e-3, 5e-4)]
     assert split_extensions({(1e-3, 1e-4): math.inf}) == []
 
 

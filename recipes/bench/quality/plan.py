@@ -40,10 +40,12 @@ WARMUPS = [0.03, 0.3]  # around the recipe's 0.1 (a fraction of the steps)
 # layers start 0.25-0.4x as large as full-rank's (recipes/bench/quality/init_scale.py), hence two steps down.
 LINEAR_INIT_STDS = [0.005, 0.01, 0.04]
 FULL_ONE_LR = "full, one lr"  # full-rank at its best single rate, every other setting the recipe's
-# Every method's split then steps out from its first points (full-rank's 2 x 2 grid, the others' x2 and x4) by
-# a factor of 2 along each axis whose edge holds the best point, while it does, up to this many more points:
-# the same allowance for every method, so that no one's best is only the edge of where it was looked for.
-MAX_SPLIT_EXTENSIONS = 6
+# Every method's split is then searched around its best point from its first points (full-rank's 2 x 2 grid, the
+# others' x2 and x4): the best's neighbours a factor of 2 away on each axis (the embeddings'/head's rate up and
+# down, the decoder's up and down, the decoder's staying below the head's) are tried until the best has all of
+# them, up to this many more points: the same search for every method, so that no one's best is only the edge
+# of where it was looked for.
+MAX_SPLIT_EXTENSIONS = 10
 
 
 def round_lr(x: float) -> float:
@@ -165,24 +167,24 @@ def best_lr(results: list[Result], method: str, seed: int, tokens: int) -> float
 
 
 def split_extensions(tried: dict[tuple[float, float], float]) -> list[tuple[float, float]]:
-    """A method's split points, as {(head rate, linear rate): ppl}: where the best lies on an edge of the
-    rates tried, the next point out along that axis (a factor of 2), if not tried yet."""
+    """A method's next split points, from those tried as {(head rate, linear rate): ppl}: the best point's
+    neighbours a factor of 2 away on each axis that are not tried yet (the linear rate kept below the head's).
+
+    >>> split_extensions({(4e-3, 1e-3): 150.0, (8e-3, 1e-3): 140.0, (8e-3, 5e-4): 145.0})
+    [(0.016, 0.001), (0.008, 0.002)]
+    """
     if not tried:
         return []
     best = min(tried, key=lambda k: (tried[k], k))
     if not math.isfinite(tried[best]):
         return []
-    heads, linears = sorted({h for h, _ in tried}), sorted({l for _, l in tried})
     h, l = best
-    out = []
-    if h == heads[-1]:
-        out.append((round_lr(2 * h), l))
-    elif h == heads[0] and h / 2 > l:
+    out = [(round_lr(2 * h), l)]
+    if h / 2 > l:
         out.append((round_lr(h / 2), l))
-    if l == linears[0]:
-        out.append((h, l / 2))
-    elif l == linears[-1] and 2 * l < h:
-        out.append((h, 2 * l))
+    if 2 * l < h:
+        out.append((h, float(f"{2 * l:.6g}")))
+    out.append((h, float(f"{l / 2:.6g}")))
     return [k for k in out if k not in tried]
 
 
@@ -193,9 +195,9 @@ def full_tuning_stages(results: list[Result], short: int):
     lr0 = best_lr(results, "full", 0, short)
     split = [Run("full", lr0, 0, short).at(lr=lr0 * a, linear_lr_scale=s) for a, s in SPLIT_GRID]
     yield "full-rank: learning-rate split", split
-    extra = split_edges(results, split, short)
+    extra = split_neighbours(results, split, short)
     if extra:
-        yield "full-rank: split edges", extra
+        yield "full-rank: split neighbours", extra
     pool = [r for r in mine if r.run.warmup is None and not r.run.init_changed]
     best = min(pool, key=lambda r: (r.ppl, r.run.lr)).run
     yield "full-rank: warmup", [best.at(warmup=w) for w in WARMUPS]
@@ -209,9 +211,9 @@ def _split_key(run: Run) -> tuple[float, float]:
     return run.lr, float(f"{run.lr * run.linear_lr_scale:.6g}")
 
 
-def split_edges(results: list[Result], first: list[Run], short: int) -> list[Run]:
+def split_neighbours(results: list[Result], first: list[Run], short: int) -> list[Run]:
     """The next points of a method's split after its ``first`` points and the extensions run so far
-    (:func:`split_extensions`), within ``MAX_SPLIT_EXTENSIONS``; empty once its best is inside the rates tried."""
+    (:func:`split_extensions`), within ``MAX_SPLIT_EXTENSIONS``; empty once its best has every neighbour tried."""
     method = first[0].method
     tried = {_split_key(r.run): r.ppl for r in results
              if (r.run.method, r.run.seed, r.run.tokens) == (method, 0, short)
@@ -230,13 +232,13 @@ def split_run(method: str, lr: float, factor: float, tokens: int) -> Run:
 
 def others_split_stages(results: list[Result], methods, short: int):
     """The split of every method but full-rank at the short budget: the embeddings and head at 2x and 4x the
-    method's best single rate with its decoder at that rate, then out along the edges as full-rank's."""
+    method's best single rate with its decoder at that rate, then around the best as full-rank's."""
     best = {m: best_lr(results, m, 0, short) for m in methods if m != "full"}
     first = {m: [split_run(m, lr, f, short) for f in OTHERS_SPLIT] for m, lr in best.items() if lr is not None}
     yield "the other methods: learning-rate split", [run for runs in first.values() for run in runs]
-    extra = [run for runs in first.values() for run in split_edges(results, runs, short)]
+    extra = [run for runs in first.values() for run in split_neighbours(results, runs, short)]
     if extra:
-        yield "the other methods: split edges", extra
+        yield "the other methods: split neighbours", extra
 
 
 def rows_of(methods) -> list[str]:
@@ -250,23 +252,25 @@ def rows_of(methods) -> list[str]:
 
 
 def stages(results: list[Result], methods, budgets, *, seeds: int = 2, max_extensions: int = 2,
-           grids: dict | None = None, tune_full: bool = True):
+           grids: dict | None = None, tune_full: bool = True, look_ahead: bool = False):
     """The study's stages as (name, runs), in the order they run; each is computed from the results of the
-    stages before it, so this yields up to the first stage that has runs without a result and stops."""
+    stages before it, so this yields up to the first stage that has runs without a result and stops.
+    ``look_ahead`` goes on past such stages (after the sweep), each computed from the results as they stand:
+    what is left, were no best to move."""
     grids = grids or GRIDS
     have = {r.run for r in results}
     budgets = sorted(budgets)
     short, longest = budgets[0], budgets[-1]
 
     def pending(stage):
-        return any(run not in have for run in stage)
+        return not look_ahead and any(run not in have for run in stage)
 
     # 1. the sweep: every method's middle rate first, then the lower ones, then the higher ones
     width = max(len(grids[m]) for m in methods)
     order = sorted(range(width), key=lambda i: (abs(i - (width - 1) / 2), i))
     sweep = [Run(m, grids[m][i], 0, short) for i in order for m in methods if i < len(grids[m])]
     yield "sweep", sweep
-    if pending(sweep):
+    if any(run not in have for run in sweep):  # nothing after it can be computed before it ends
         return
     # 2. the grid's edges, one factor of 2 at a time (each a new run: the stage is pending until it ends)
     extra = []
@@ -277,7 +281,8 @@ def stages(results: list[Result], methods, budgets, *, seeds: int = 2, max_exten
             extra.append(Run(m, lr, 0, short))
     if extra:
         yield "grid edges", extra
-        return
+        if not look_ahead:
+            return
     # 3. full-rank's tuning, then the same split for the others (the longer budgets take each one's best)
     if tune_full and "full" in methods:
         for name, stage in itertools.chain(full_tuning_stages(results, short), others_split_stages(results, methods, short)):
@@ -302,8 +307,10 @@ def stages(results: list[Result], methods, budgets, *, seeds: int = 2, max_exten
     yield f"{longest:,} tokens: rate x0.5 and x2", stage
     if pending(stage):
         return
-    stage = _unique([best_run(results, row, longest).at(seed=s) for s in range(1, seeds) for row in rows
-                     if row != FULL_ONE_LR])
+    # (looking ahead, a row without a result at the longest budget yet stands in with its best at the shortest)
+    bests = [best_run(results, row, longest) or best_run(results, row, short).at(tokens=longest)
+             for row in rows if row != FULL_ONE_LR]
+    stage = _unique([best.at(seed=s) for s in range(1, seeds) for best in bests])
     yield f"{longest:,} tokens: seeds 1..{seeds - 1}", stage
 
 
@@ -329,14 +336,16 @@ def plan_kw(args, methods) -> dict:
 
 # ---- what is left ----------------------------------------------------------------------------------
 def _left(results: list[Result], methods, budgets, seeds: int, weight, **kw) -> int:
-    """The work still to do, a run counting ``weight(its tokens)``: the runs without a result in the stages
-    known so far, and the stages after them at their fixed sizes (the grid's edges and every method's split
-    edges, decided as results come in, are counted once they are known)."""
+    """The work still to do, a run counting ``weight(its tokens)``: the runs without a result in every stage
+    as the results stand (:func:`stages` looking ahead), and before the sweep has ended the stages after it
+    at their fixed sizes (the grid's edges and every method's split neighbours, decided as results come in,
+    are counted once they are known)."""
     have = {r.run for r in results}
-    left, seen = 0, []
-    for name, stage in stages(results, methods, budgets, seeds=seeds, **kw):
+    counted, seen = set(), []
+    for name, stage in stages(results, methods, budgets, seeds=seeds, look_ahead=True, **kw):
         seen.append(name)
-        left += sum(weight(r.tokens) for r in stage if r not in have)
+        counted |= {r for r in stage if r not in have}
+    left = sum(weight(r.tokens) for r in counted)
     budgets = sorted(budgets)
     short, longest = budgets[0], budgets[-1]
     future = []  # (stage, runs, tokens of each)
@@ -351,8 +360,7 @@ def _left(results: list[Result], methods, budgets, seeds: int, weight, **kw) -> 
 
 
 def runs_left_estimate(results: list[Result], methods, budgets, seeds: int, **kw) -> int:
-    """Runs still to do: the pending stage's, and the stages after it at their fixed sizes (the grid's
-    edges and every method's split edges, decided as results come in, are counted once they are known)."""
+    """Runs still to do, as :func:`_left` counts them."""
     return _left(results, methods, budgets, seeds, lambda tokens: 1, **kw)
 
 

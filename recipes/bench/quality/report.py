@@ -236,9 +236,10 @@ def _others_split(results: list[Result], methods, short: int) -> list[str]:
         return []
     return [f"### The other methods' split ({_fmt_tokens(short)} tokens, seed 0; valid ppl)", "",
             "Full-rank's split for every other method: the embeddings, head and norms at 2x and 4x the method's "
-            "best single rate, its decoder's linear layers at that rate; then, as for full-rank, a factor of 2 "
-            "further along each axis whose edge holds the best point (the embeddings' and head's rate up, the "
-            f"decoder's down or up), while it does, up to {MAX_SPLIT_EXTENSIONS} more points.", "",
+            "best single rate, its decoder's linear layers at that rate; then, as for full-rank, the best "
+            "point's neighbours a factor of 2 away on each axis (the embeddings' and head's rate up and down, the "
+            "decoder's up and down, the decoder's staying below the head's), tried until the best has every "
+            f"neighbour tried, up to {MAX_SPLIT_EXTENSIONS} more points.", "",
             "| method | best single rate | split: embeddings and head / decoder: valid ppl |", "|---|---|---|", *rows, ""]
 
 
