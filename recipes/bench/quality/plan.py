@@ -45,7 +45,7 @@ FULL_ONE_LR = "full, one lr"  # full-rank at its best single rate, every other s
 # down, the decoder's up and down, the decoder's staying below the head's) are tried until the best has all of
 # them, up to this many more points: the same search for every method, so that no one's best is only the edge
 # of where it was looked for.
-MAX_SPLIT_EXTENSIONS = 16
+MAX_SPLIT_EXTENSIONS = 24
 
 
 def round_lr(x: float) -> float:
