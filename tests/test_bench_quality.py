@@ -174,14 +174,15 @@ def test_the_plan_sweeps_tunes_full_rank_then_grows_the_budget():
     edges = [r for n, s in stages if n == "the other methods: split neighbours" for r in s]
     mine = [r for r in edges if r.method == "sltrain"]
     assert len(mine) == MAX_SPLIT_EXTENSIONS
-    heads = sorted(r.lr for r in mine if math.isclose(r.lr * r.linear_lr_scale, 1.5e-3))
+    # (the scale is kept to 6 digits, as run names write it: far out, the decoder's rate drifts by 1e-6)
+    heads = sorted(r.lr for r in mine if math.isclose(r.lr * r.linear_lr_scale, 1.5e-3, rel_tol=1e-5))
     assert heads == [round_lr(1.2e-2 * 2**k) for k in range(len(heads))] and len(heads) >= 4
     assert {(r.lr, r.lr * r.linear_lr_scale) for r in mine if r.lr == 2.4e-2} == {(2.4e-2, 1.5e-3), (2.4e-2, 3e-3), (2.4e-2, 7.5e-4)}
     assert {(r.method, r.lr, r.linear_lr_scale) for r in edges if r.method != "sltrain"} == {
         ("lowrank", 1.5e-3, 0.25), ("lost", 1.5e-3, 0.25), ("lost-silu", 6e-3, 0.25), ("cola", 2.4e-2, 0.25)}
     # every longer budget runs each row at its best configuration of the sweep, "full, one lr" included
     at_2m = dict(stages)["2,000,000 tokens"]
-    assert Run("sltrain", heads[-1], 0, 2_000_000, linear_lr_scale=float(f"{1.5e-3 / heads[-1]:.6g}")) in at_2m
+    assert [(r.lr, r.linear_lr_scale) for r in at_2m if r.method == "sltrain"] == [(heads[-1], float(f"{1.5e-3 / heads[-1]:.6g}"))]
     assert best_full.at(tokens=2_000_000) in at_2m and Run("full", 1e-3, 0, 2_000_000) in at_2m
     assert Run("lost-silu", 3e-3, 0, 2_000_000) in at_2m and len(at_2m) == 7
     # the longest budget: x0.5 and x2 of each method (not of "full, one lr"), then seed 1 of the best of three
