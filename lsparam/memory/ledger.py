@@ -70,7 +70,6 @@ class MemoryBreakdown:
         return "\n".join(f"{name:<18} {value / 2**20:10.1f} MiB" for name, value in rows)
 
 
-
 def _index_bytes(model: nn.Module, device: torch.device, param_dtype: torch.dtype) -> int:
     """Index bytes each parametrization reports for a run on ``device`` in ``param_dtype`` (supports and the
     caches its path builds, kept channels)."""
@@ -340,5 +339,3 @@ def _lean_head_transient(config, predicted_tokens: int, itemsize: int) -> int:
     hidden_states = (2 * predicted_tokens + (chunk_tokens if several_chunks else 0)) * config.hidden_size * itemsize
     gradient_sum = config.vocab_size * config.hidden_size * 4 if several_chunks and itemsize < 4 else 0
     return logits + low_precision_copy + hidden_states + gradient_sum
-
-
