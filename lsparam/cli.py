@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -25,22 +24,15 @@ COLUMNS_HELP = """columns (GiB, 1 GiB = 2^30 bytes):
 
 
 def _table_methods() -> tuple[str, ...]:
-    """The table's rows: every method, and CoLA-M (CoLA with ``checkpoint=True``), whose activations differ."""
-    from lsparam.presets import METHODS
+    """The table's rows: every method, and the variants whose memory differs (CoLA-M's activations)."""
+    from lsparam.presets import METHODS, VARIANTS
 
-    return (*METHODS, "cola-m")
-
-
-def _table_config(method: str, size: str | None):
-    from lsparam.presets import method_config
-
-    if method == "cola-m":
-        return dataclasses.replace(method_config("cola", size), checkpoint=True)
-    return method_config(method, size)
+    return (*METHODS, *VARIANTS)
 
 
 def _memory_command(args) -> int:
     from lsparam.memory import estimate
+    from lsparam.presets import method_config
 
     config, size = _model_config(args.model)
     rows = []
@@ -48,7 +40,7 @@ def _memory_command(args) -> int:
         for bits in (32, 8, 4) if args.state_bits == 4 else (32, 8):
             for per_layer in (False, True):
                 breakdown = estimate(
-                    config, _table_config(method, size), state_bits=bits, per_layer=per_layer,
+                    config, method_config(method, size), state_bits=bits, per_layer=per_layer,
                     param_dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                     activation_checkpointing=args.activation_checkpointing, lean_head=args.lean_head,
                 )

@@ -12,6 +12,8 @@ SLTrainConfig(rank=128, density=0.03, alpha=32.0, seed=0, sparse_backend='auto',
 
 from __future__ import annotations
 
+import dataclasses
+
 from lsparam.config import CoLAConfig, LOSTConfig, LowRankConfig, SLTrainConfig
 from lsparam.extras import require
 
@@ -29,6 +31,9 @@ VOCAB_SIZE = 32000
 
 # The method names the recipes, the ledger and the benchmarks understand ("full": no parametrization).
 METHODS = ("full", "lowrank", "sltrain", "lost", "lost-silu", "cola")
+# Variants of a method that differ in how they run, not in what they compute: name -> (method, changes).
+# CoLA-M (the CoLA paper's name) recomputes CoLA's rank-r activation in backward instead of saving it.
+VARIANTS = {"cola-m": ("cola", {"checkpoint": True})}
 
 # SLTrain's scripts per size: rank, density, alpha (GaLore's ranks are the same). Sizes not listed here
 # (the CPU-sized ones) use rank hidden/4, density 0.03, alpha 32.
@@ -107,9 +112,14 @@ def method_config(method: str, size: str | None = None):
     (256, 64)
     >>> method_config("full") is None
     True
+    >>> method_config("cola-m", "llama_60m").checkpoint  # a variant (VARIANTS): CoLA recomputing its activation
+    True
     """
+    if method in VARIANTS:
+        base, changes = VARIANTS[method]
+        return dataclasses.replace(method_config(base, size), **changes)
     if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}; got method={method!r}")
+        raise ValueError(f"method must be one of {[*METHODS, *VARIANTS]}; got method={method!r}")
     if method == "full":
         return None
     quarter = LLAMA_SIZES[size][0] // 4 if size in LLAMA_SIZES else 0.25

@@ -209,9 +209,9 @@ def estimate(
     Args:
         model_or_config: a ``transformers`` config, a size name from ``lsparam.presets`` (e.g.
             ``"llama_7b"``), or a model (parametrized or not; counted as it is).
-        method: ``None``/``"full"``, ``"lowrank"``, ``"sltrain"``, ``"lost"``, ``"lost-silu"``, ``"cola"``
-            (papers' per-size defaults) or a config object, for a config or a size name. A model is counted
-            as it is: parametrize it first, and leave ``method`` out.
+        method: ``None``/``"full"``, ``"lowrank"``, ``"sltrain"``, ``"lost"``, ``"lost-silu"``, ``"cola"``,
+            ``"cola-m"`` (papers' per-size defaults) or a config object, for a config or a size name. A model
+            is counted as it is: parametrize it first, and leave ``method`` out.
         optimizer: ``"adamw"``, ``"adam"`` (2 states) or ``"sgd"`` (momentum).
         state_bits: 32, 8 or 4 (torchao's low-bit states, as ``LeanOptimizer`` uses them).
         per_layer: updates inside backward: only one parameter's gradient exists at a time.

@@ -29,9 +29,10 @@ import sys
 import time
 
 from lsparam.presets import METHODS as PRESET_METHODS
+from lsparam.presets import VARIANTS
 from recipes.bench import HEADS, add_head_flag, run_module
 
-METHODS = [*PRESET_METHODS, "cola-m"]  # cola-m: CoLA with its r-wide activations recomputed in backward
+METHODS = [*PRESET_METHODS, *VARIANTS]  # cola-m: CoLA with its r-wide activations recomputed in backward
 # name -> (state bits, per-layer updates, extra keywords); "adamw-unfused" shows what the fused default buys
 OPTIMIZERS = {"adamw": (32, False, {}), "8bit-per-layer": (8, True, {}), "adamw-unfused": (32, False, {"foreach": False})}
 

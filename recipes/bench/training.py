@@ -7,7 +7,6 @@ their models here, so both measure the same thing; ``recipes/bench/quality/`` tr
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,9 +45,7 @@ def build_training_step(size: str, method: str, *, batch_size: int, seq_len: int
     dtype = dtype or torch.float32
     config = llama_config(size)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(device)
-    settings = method_config("cola" if method == "cola-m" else method, size)
-    if method == "cola-m":  # CoLA with its r-wide activations recomputed in backward (CoLAConfig.checkpoint)
-        settings = dataclasses.replace(settings, checkpoint=True)
+    settings = method_config(method, size)
     if settings is not None:
         lsparam.parametrize(model, settings, progress=False)
     if lean_head:

@@ -53,6 +53,11 @@ def round_lr(x: float) -> float:
     return float(f"{x:.4g}")
 
 
+def _six_digits(x: float) -> float:
+    """A split's linear rate or scale to 6 digits (4 would turn a scale of 1/64, 0.015625, into another)."""
+    return float(f"{x:.6g}")
+
+
 @dataclass(frozen=True)
 class Run:
     """One training run of the study: a method at a rate, seed and budget, and full-rank's extra knobs."""
@@ -183,8 +188,8 @@ def split_extensions(tried: dict[tuple[float, float], float]) -> list[tuple[floa
     if h / 2 > l:
         out.append((round_lr(h / 2), l))
     if 2 * l < h:
-        out.append((h, float(f"{2 * l:.6g}")))
-    out.append((h, float(f"{l / 2:.6g}")))
+        out.append((h, _six_digits(2 * l)))
+    out.append((h, _six_digits(l / 2)))
     return [k for k in out if k not in tried]
 
 
@@ -208,7 +213,7 @@ def full_tuning_stages(results: list[Result], short: int):
 
 def _split_key(run: Run) -> tuple[float, float]:
     """(the embeddings'/head's rate, the linear layers' rate) of a split run."""
-    return run.lr, float(f"{run.lr * run.linear_lr_scale:.6g}")
+    return run.lr, _six_digits(run.lr * run.linear_lr_scale)
 
 
 def split_neighbours(results: list[Result], first: list[Run], short: int) -> list[Run]:
@@ -221,8 +226,7 @@ def split_neighbours(results: list[Result], first: list[Run], short: int) -> lis
     first_keys = {_split_key(r) for r in first}
     extended = [k for k in tried if k not in first_keys]
     extra = split_extensions(tried)[: max(0, MAX_SPLIT_EXTENSIONS - len(extended))]
-    # the scale to 6 digits, as _split_key rounds the rate: 4 would turn 1/64 (0.015625) into another rate
-    return [first[0].at(lr=h, linear_lr_scale=float(f"{l / h:.6g}")) for h, l in extra]
+    return [first[0].at(lr=h, linear_lr_scale=_six_digits(l / h)) for h, l in extra]
 
 
 def split_run(method: str, lr: float, factor: float, tokens: int) -> Run:
