@@ -417,7 +417,9 @@ def test_the_report_comes_from_the_result_files_alone(tmp_path, capsys):
     assert "**met** -- cola at 102.0 against 102.0, 1.000x, with 0.40x the linear parameters." in text
     assert "Low-rank visibly worse (at least 5% above that best): **met** -- 112.0, 1.098x cola" in text
     assert "| lost | 0.889 | 1.029 |" in text
-    assert "Trend: the best of SLTrain / LOST / CoLA against tuned full-rank goes 0.778 (cola, 8,192) -> 1.000 (cola, 16,384)" in text
+    assert ("Trend: the best of SLTrain / LOST / CoLA against tuned full-rank goes 0.778 (cola, 8,192) -> 1.000 "
+            "(cola, 16,384): it loses ground to full-rank as the budget grows, from 22.2% ahead of full-rank to level "
+            "with full-rank." in text)
     assert "split (`--linear-lr-scale`): 180.0 (-10.0%" in text
     assert "| cola | lr 0.003 | - | 101.0 | 104.0 |" in text  # the rate re-check at the longest budget
     # why: the rows in order of their layers' scale at init, and Spearman's rho = 1 - 6 sum(d^2) / (n (n^2 - 1))

@@ -260,6 +260,29 @@ def _rate_recheck(results: list[Result], rows, short: int, longest: int) -> list
             "| method | configuration of the sweep | rate x0.5 | x1 | x2 |", "|---|---|---|---|---|", *recheck, ""]
 
 
+def _against_full(ratio: float) -> str:
+    if round(ratio, 3) == 1:
+        return "level with full-rank"
+    return f"{abs(ratio - 1):.1%} {'behind' if ratio > 1 else 'ahead of'} full-rank"
+
+
+def trend_words(first: float, last: float) -> str:
+    """How a perplexity ratio to full-rank moved from the shortest budget to the longest, in words.
+
+    >>> trend_words(1.005, 0.993)
+    'it gains on full-rank as the budget grows, from 0.5% behind full-rank to 0.7% ahead of full-rank'
+    >>> trend_words(0.98, 1.02)
+    'it loses ground to full-rank as the budget grows, from 2.0% ahead of full-rank to 2.0% behind full-rank'
+    >>> trend_words(1.031, 1.036)
+    'it stays within 0.01 of where it started (3.1% behind full-rank to 3.6% behind full-rank)'
+    """
+    span = f"{_against_full(first)} to {_against_full(last)}"
+    if abs(last - first) < 0.01:
+        return f"it stays within 0.01 of where it started ({span})"
+    way = "gains on full-rank" if last < first else "loses ground to full-rank"
+    return f"it {way} as the budget grows, from {span}"
+
+
 def _trend(series: dict, budgets: list[int]) -> str:
     best = []
     for tokens in budgets:
@@ -269,13 +292,7 @@ def _trend(series: dict, budgets: list[int]) -> str:
     if len(best) < 2:
         return "The trend with budget needs a second budget."
     path = " -> ".join(f"{r:.3f} ({row}, {_fmt_tokens(t)})" for t, r, row in best)
-    first, last = best[0][1], best[-1][1]
-    if abs(last - first) < 0.01:
-        way = "stays within 0.01 of where it started"
-    else:
-        way = ("moves toward" if abs(last - 1) < abs(first - 1) else "moves away from") + " full-rank's perplexity"
-        way += f" ({'rising' if last > first else 'falling'} by {abs(last - first):.3f})"
-    text = f"Trend: the best of SLTrain / LOST / CoLA against tuned full-rank goes {path}: it {way} as the budget grows."
+    text = f"Trend: the best of SLTrain / LOST / CoLA against tuned full-rank goes {path}: {trend_words(best[0][1], best[-1][1])}."
     if "lowrank" in series and len(series["lowrank"]) >= 2:
         lr = series["lowrank"]
         text += f" Low-rank: {lr[0][1]:.3f} ({_fmt_tokens(lr[0][0])}) -> {lr[-1][1]:.3f} ({_fmt_tokens(lr[-1][0])})."
