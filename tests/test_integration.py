@@ -352,6 +352,27 @@ def test_merge_gives_a_vanilla_llama(llama_factory, name):
     assert torch.equal(logits(reloaded), logits(model))
 
 
+@pytest.mark.parametrize("order", ["merge the copy", "merge the original"])
+def test_merging_a_deep_copy_leaves_the_other_model_training(llama_factory, order):
+    # deepcopy shares a parametrized module's class with its copy, and removing a parametrization deletes
+    # the weight's property from that class: merging one of the two must not take `weight` from the other
+    model = structured(llama_factory, "sltrain")
+    before = logits(model)
+    copied = copy.deepcopy(model)
+    merged, kept = (copied, model) if order == "merge the copy" else (model, copied)
+    lsparam.merge(merged)
+    assert all(type(layer) is nn.Linear for layer in projection_layers(merged).values())
+    assert len(lsparam.structured_layers(kept)) == len(projection_layers(kept))
+    for layer in projection_layers(kept).values():
+        torch.testing.assert_close(layer.weight.dense(), reference_weight(layer), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits(kept), before, atol=0, rtol=0)
+    torch.testing.assert_close(logits(merged), before, atol=1e-5, rtol=1e-5)
+    kept(input_ids=BATCH, labels=BATCH).loss.backward()
+    assert all(factor.grad is not None for layer in projection_layers(kept).values() for factor in factors_of(layer))
+    lsparam.merge(kept)  # and the other one still merges
+    torch.testing.assert_close(logits(kept), before, atol=1e-5, rtol=1e-5)
+
+
 # ---- training -----------------------------------------------------------------------------------------
 
 

@@ -251,7 +251,21 @@ def remove_structured_weight(layer: nn.Module, dense: nn.Parameter) -> None:
     """
     parametrization = layer.parametrizations.weight[0]
     parametrization._removal_value = dense
+    _own_parametrized_class(layer)
     try:
         torch.nn.utils.parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     finally:
         parametrization._removal_value = None
+
+
+def _own_parametrized_class(layer: nn.Module) -> None:
+    """Give ``layer`` a copy of its parametrized class, used by no other module.
+
+    ``remove_parametrizations`` deletes the weight's property from the module's class, and
+    ``copy.deepcopy`` of a parametrized module shares that class with the copy: merging a copy (to export
+    it while training goes on) would otherwise take ``weight`` away from the original, and from every
+    other copy.
+    """
+    cls = type(layer)
+    own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    layer.__class__ = type(cls.__name__, cls.__bases__, own)
