@@ -268,10 +268,13 @@ def _check_counts_and_support(name: str, p: StructuredParametrization, factors) 
 
 
 def assert_decomposition(module: nn.Module, *, atol: float = 1e-8, rtol: float = 1e-6, tokens: int = 5, seed: int = 0,
-                         gradcheck: bool = True) -> None:
+                         gradcheck: bool = True, perturb: bool = True) -> None:
     """Check every lsparam-parametrized layer of ``module``; raise ``AssertionError`` on the first failure.
 
-    Works on a float64 copy (the module itself is not changed). Per layer:
+    Works on a float64 copy (the module itself is not changed). With ``perturb`` (the default) every factor
+    of the copy first gets Gaussian noise of half its own RMS (or of ``1/√cols`` where it is all zeros): a
+    factor that starts at zero, as SLTrain's ``B`` does, would otherwise make the gradients that pass
+    through it zero in the method and in the reference alike, and hide a wrong one. Per layer:
 
     1. the materialised weight equals the method's formula computed independently;
     2. the forward equals ``x`` times the formula, and its gradients (input and factors) equal autograd
@@ -296,6 +299,8 @@ def assert_decomposition(module: nn.Module, *, atol: float = 1e-8, rtol: float =
         p = layer64.parametrizations.weight[0]
         factors = _originals(layer64)
         _check_counts_and_support(name, p, factors)
+        if perturb:
+            _add_noise(factors, generator)
 
         expected_weight = reference_weight(p, factors)
         weight = layer64.weight
@@ -332,6 +337,15 @@ def assert_decomposition(module: nn.Module, *, atol: float = 1e-8, rtol: float =
             with torch.no_grad():
                 expected = y if layer64.bias is None else y + layer64.bias
                 _close(merged(x), expected, "merged forward", name, atol, rtol)
+
+
+def _add_noise(factors, generator: torch.Generator) -> None:
+    """Each factor plus noise of half its RMS (``1/√cols`` for an all-zero factor), in place."""
+    with torch.no_grad():
+        for f in factors:
+            rms = f.pow(2).mean().sqrt().item() if f.numel() else 0.0
+            scale = 0.5 * rms if rms > 0 else f.shape[-1] ** -0.5
+            f.add_(torch.randn(f.shape, dtype=f.dtype, generator=generator), alpha=scale)
 
 
 def _originals(layer: nn.Module) -> tuple[torch.Tensor, ...]:

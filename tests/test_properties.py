@@ -89,7 +89,9 @@ def test_sltrain_support_size_uniqueness_and_regeneration(layer, config):
     parametrized(layer, config)
     p = layer.parametrizations.weight[0]
     flat = p.support.flat_indices()
-    assert flat.numel() == math.floor(config.density * layer.out_features * layer.in_features)
+    # floor(δ · out · in) with out · in multiplied first (one float rounding, as documented): δ · out · in
+    # from the left gives 49 for δ = 1/3 on 25 × 6 and 50 on 6 × 25
+    assert flat.numel() == math.floor(config.density * (layer.out_features * layer.in_features))
     assert flat.unique().numel() == flat.numel()
     if config.init == "random":
         again = lsparam.SLTrainConfig(**{**config.__dict__})
@@ -187,6 +189,27 @@ def test_the_checker_catches_a_wrong_gradient(monkeypatch):
 
     monkeypatch.setattr(type(p), "linear", detached_sparse)
     with pytest.raises(AssertionError, match="gradient of sparse"):
+        assert_decomposition(layer, gradcheck=False)
+
+
+@pytest.mark.parametrize("backend", ["gather", "csr", "scatter"])
+def test_the_checker_catches_a_wrong_gradient_behind_a_zero_factor(monkeypatch, backend):
+    # SLTrain's own init has B = 0, so dA = (dY s B)ᵀ x is zero whatever the backward computes: checked at
+    # init, a backward that drops dA would agree with the reference. The checker's noise on the factors
+    # makes B nonzero.
+    layer = parametrized(torch.nn.Linear(12, 10, dtype=torch.float64),
+                         lsparam.SLTrainConfig(rank=2, density=0.2, sparse_backend=backend))
+    B, _, _ = factors_of(layer)
+    assert not B.any()
+    p = layer.parametrizations.weight[0]
+    original = type(p).linear
+
+    def frozen_a(self, x, B, A, values):
+        return original(self, x, B, A.detach(), values)  # same forward, no gradient for A
+
+    monkeypatch.setattr(type(p), "linear", frozen_a)
+    assert_decomposition(layer, gradcheck=False, perturb=False)  # blind at B = 0
+    with pytest.raises(AssertionError, match="gradient of A"):
         assert_decomposition(layer, gradcheck=False)
 
 
