@@ -225,6 +225,8 @@ def _sltrain_forward_backward(dtype):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(300, 200))
     parametrize(model, SLTrainConfig(rank=8, density=0.05, sparse_backend="gather"))
+    with torch.no_grad():  # B starts at zero (the paper's init), which would make dA zero on both routes
+        model[0].parametrizations.weight.original0.normal_(0, 0.1)
     model.to(dtype)
     x = torch.randn(2, 70, 300, dtype=dtype, requires_grad=True)
     model(x).square().sum().backward()
