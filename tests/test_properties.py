@@ -170,6 +170,40 @@ def test_parameter_counts_at_llama_60m_shapes(config, per_layer):
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
+@PROPERTY
+@given(layer=linear_layers(max_features=16), rank=st.integers(1, 3),
+       case=st.sampled_from(["lowrank", "lost", "lost-dense", "sltrain-dense"]), gamma=st.floats(0.05, 1.0),
+       alpha=st.floats(1.0, 64.0))
+def test_svd_inits_split_the_singular_values_evenly_between_b_and_a(layer, rank, case, gamma, alpha):
+    # B A alone does not say how the spectrum is split: B = U Σ^½, A = Σ^½ Vᵀ (each side then starts at the
+    # same scale, which is what Adam's per-entry steps see) gives Bᵀ B = A Aᵀ = Σ_r, divided by the factor
+    # the method scales B A by (γ for LOST's dense init, α / r for SLTrain's)
+    config, divisor = {
+        "lowrank": (lsparam.LowRankConfig(rank=rank), 1.0),
+        "lost": (lsparam.LOSTConfig(rank=rank, gamma=gamma), 1.0),
+        "lost-dense": (lsparam.LOSTConfig(rank=rank, gamma=gamma, init="dense"), gamma),
+        "sltrain-dense": (lsparam.SLTrainConfig(rank=rank, density=0.1, alpha=alpha, init="dense"), alpha / rank),
+    }[case]
+    _, sigma, _ = numpy_svd(layer.weight)
+    parametrized(layer, config)
+    B, A = (f.detach().numpy() for f in factors_of(layer)[:2])
+    expected = np.diag(sigma[:rank]) / divisor
+    np.testing.assert_allclose(B.T @ B, expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(A @ A.T, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, work", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                         (torch.float32, torch.float32), (torch.float64, torch.float64)])
+def test_the_svd_runs_in_float32_or_better(dtype, work):
+    from lsparam.methods.svd import svd
+
+    weight = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    U, S, Vh = svd(weight)
+    assert U.dtype == S.dtype == Vh.dtype == work
+    reference = np.linalg.svd(weight.double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(S.double().numpy(), reference, rtol=1e-5 if work == torch.float32 else 1e-12)
+
+
 def test_the_checker_catches_a_wrong_forward(monkeypatch):
     layer = parametrized(torch.nn.Linear(12, 10, dtype=torch.float64), lsparam.SLTrainConfig(rank=2, density=0.2))
     p = layer.parametrizations.weight[0]
