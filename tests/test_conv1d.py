@@ -14,6 +14,8 @@ CONFIGS = {
     "sltrain": lsparam.SLTrainConfig(rank=3, density=0.2, init="dense"),
     "lost": lsparam.LOSTConfig(rank=3, channel_ratio=0.25, init="dense"),
     "lost-silu": lsparam.LOSTConfig(rank=3, channel_ratio=0.25, activation="silu"),
+    "cola": lsparam.CoLAConfig(rank=3),
+    "cola-m": lsparam.CoLAConfig(rank=3, activation="gelu", checkpoint=True),
 }
 
 
