@@ -170,7 +170,7 @@ def test_float64_model_matches_a_float64_dense_reference(llama_factory, name):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_bfloat16_forward_backward_close_to_float32(llama_factory, name):
+def test_bfloat16_logits_and_gradients_match_the_formula(llama_factory, name):
     model = structured(llama_factory, name)
     fp32 = model(IDS).logits.detach()
     model.to(torch.bfloat16)
@@ -180,13 +180,17 @@ def test_bfloat16_forward_backward_close_to_float32(llama_factory, name):
         with pytest.raises(ValueError, match=r"sparse_backend='csr'.*torch\.bfloat16"):
             model(IDS, labels=IDS)
         return
+    # the same (bf16-rounded) weights, each layer by its paper's formula in float64 (not lsparam's code)
+    reference = with_reference_forward(model).to(torch.float64)
     out = model(IDS, labels=IDS)
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
-    for param_name, param in model.named_parameters():
+    reference(IDS, labels=IDS).loss.backward()
+    for (param_name, param), (_, exact) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         assert param.grad is not None and param.grad.dtype == torch.bfloat16, param_name
-        assert torch.isfinite(param.grad.float()).all(), param_name
-    assert sum(p.grad.float().abs().sum() for n, p in model.named_parameters() if FACTOR in n) > 0
+        # bf16's rounding of the activations leaves 1-3% here (2 layers, 12 tokens); a wrong gradient ~100%
+        error = ((param.grad.double() - exact.grad).norm() / exact.grad.norm()).item()
+        assert error < 0.06, f"{param_name}: gradient {error:.3f} from float64"
     scale = fp32.abs().max()
     assert (out.logits.float() - fp32).abs().max() < 0.05 * scale
 
