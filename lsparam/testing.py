@@ -22,19 +22,14 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lsparam.api import merge, structured_layers
-from lsparam.config import (
-    CoLAConfig,
-    LOSTConfig,
-    LowRankConfig,
-    SLTrainConfig,
-    resolve_rank,
-)
+from lsparam.config import CoLAConfig, LOSTConfig, LowRankConfig, SLTrainConfig
 from lsparam.methods.base import StructuredParametrization
 from lsparam.methods.cola import CoLAParametrization
 from lsparam.methods.lost import LOSTParametrization
@@ -233,7 +228,11 @@ def _check_counts_and_support(name: str, p: StructuredParametrization, factors) 
     out_f, in_f = p.out_features, p.in_features
     count = sum(f.numel() for f in factors)
     if isinstance(p, (LowRankParametrization, SLTrainParametrization, LOSTParametrization, CoLAParametrization)):
-        r = resolve_rank(p.config.rank, out_f, in_f)
+        rank = p.config.rank  # the documented rule, not resolve_rank: an int as it is, a fraction of min rounded down
+        r = int(rank) if isinstance(rank, numbers.Integral) else math.floor(rank * min(out_f, in_f))
+        if (tuple(factors[0].shape), tuple(factors[1].shape)) != ((out_f, r), (r, in_f)):
+            raise AssertionError(f"layer {name!r}: B {tuple(factors[0].shape)} and A {tuple(factors[1].shape)}, "
+                                 f"expected ({out_f}, {r}) and ({r}, {in_f}) for rank={rank!r}")
         expected = r * (in_f + out_f)
         if isinstance(p, SLTrainParametrization):
             nnz = p.support.nnz

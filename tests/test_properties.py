@@ -213,6 +213,16 @@ def test_the_checker_catches_a_wrong_forward(monkeypatch):
         assert_decomposition(layer)
 
 
+def test_the_checker_catches_a_rank_rounded_the_wrong_way(monkeypatch):
+    import lsparam.methods.lowrank as lowrank
+
+    # rank=0.35 of min(10, 12) = 3.5: floor gives 3; a rounding up would still factorise exactly as well
+    monkeypatch.setattr(lowrank, "resolve_rank", lambda rank, out_f, in_f, layer="": math.ceil(rank * min(out_f, in_f)))
+    layer = parametrized(torch.nn.Linear(12, 10, dtype=torch.float64), lsparam.LowRankConfig(rank=0.35))
+    with pytest.raises(AssertionError, match=r"expected \(10, 3\) and \(3, 12\)"):
+        assert_decomposition(layer)
+
+
 def test_the_checker_catches_a_wrong_gradient(monkeypatch):
     layer = parametrized(torch.nn.Linear(12, 10, dtype=torch.float64), lsparam.LOSTConfig(rank=2))
     p = layer.parametrizations.weight[0]
