@@ -142,14 +142,29 @@ def test_cosine_schedule_matches_plain_optimizer():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def names_in(model, group):
+    ids = {id(p) for p in group["params"]}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
 def test_weight_decay_by_role_includes_sparse_values_and_spares_norms():
     model = small_model()
     decay, no_decay = param_groups_by_role(model, 0.1)
-    decayed = {id(p) for p in decay["params"]}
-    values = model[0].parametrizations.weight.original2
-    assert values.dim() == 1 and id(values) in decayed
-    assert id(model[1].weight) not in decayed and id(model[0].bias) not in decayed
-    assert no_decay["weight_decay"] == 0.0
+    factors = {f"{i}.parametrizations.weight.original{k}" for i in (0, 3) for k in range(3)}  # B, A, 1-D values
+    assert names_in(model, decay) == factors and decay["weight_decay"] == 0.1
+    assert names_in(model, no_decay) == {"0.bias", "1.weight", "1.bias", "3.bias"} and no_decay["weight_decay"] == 0.0
+
+
+def test_weight_decay_by_role_on_a_llama(llama):
+    lsparam.parametrize(llama, lsparam.SLTrainConfig(rank=4, density=0.1))
+    decay, no_decay = param_groups_by_role(llama, 0.1)
+    projections = [f"model.layers.{i}.{name}" for i in range(2) for name in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj")]
+    factors = {f"{layer}.parametrizations.weight.original{k}" for layer in projections for k in range(3)}
+    assert names_in(llama, decay) == factors | {"model.embed_tokens.weight", "lm_head.weight"}
+    norms = {f"model.layers.{i}.{norm}.weight" for i in range(2) for norm in ("input_layernorm", "post_attention_layernorm")}
+    assert names_in(llama, no_decay) == norms | {"model.norm.weight"}
 
 
 @pytest.mark.parametrize("per_layer", [False, True])
