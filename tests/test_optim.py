@@ -258,19 +258,34 @@ def test_eight_bit_states_are_low_bit_even_for_odd_sized_sparse_values(tmp_path)
                     assert torch.equal(va, vb)
 
 
-def test_padded_low_bit_state_for_a_size_torchao_would_leave_in_fp32():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_padded_low_bit_state_for_a_size_torchao_would_leave_in_fp32(bits):
+    from torchao.optim import AdamW4bit, AdamW8bit
+
     torch.manual_seed(0)
     layer = torch.nn.Linear(100, 90, bias=False)
     lsparam.parametrize(layer, lsparam.SLTrainConfig(rank=4, density=0.5), target_modules=None)
     values = layer.parametrizations.weight.original2  # 4500 entries: not a multiple of 256
     assert values.numel() == 4500 and values.numel() % 256
-    optimizer = LeanOptimizer([values], torch.optim.AdamW, lr=1e-2, state_bits=8)
-    layer(torch.randn(3, 100)).sum().backward()
-    optimizer.step()
+    # the reference: torchao's own optimizer on a plain tensor zero-padded to whole blocks by hand
+    padded = torch.zeros(4608)
+    padded[:4500] = values.detach()
+    padded.requires_grad_(True)
+    reference = {8: AdamW8bit, 4: AdamW4bit}[bits]([padded], lr=1e-2, weight_decay=0.1)
+    optimizer = LeanOptimizer([values], torch.optim.AdamW, lr=1e-2, weight_decay=0.1, state_bits=bits)
+    for step in range(2):  # the second update reads the quantised state back
+        loss = layer(torch.randn(3, 100)).square().sum()
+        (grad,) = torch.autograd.grad(loss, values, retain_graph=True)  # LeanOptimizer moves values.grad away
+        loss.backward()
+        padded.grad = torch.cat([grad, torch.zeros(108)])
+        optimizer.step()
+        reference.step()
+        optimizer.zero_grad()
+        torch.testing.assert_close(values.detach(), padded.detach()[:4500], rtol=0, atol=0)
     state = optimizer._inner[0].state
     assert len(state) == 1
     (proxy, s), = state.items()
-    assert type(s["exp_avg"]).__name__ == "OptimState8bit" and proxy.numel() == 4608
+    assert type(s["exp_avg"]).__name__ == f"OptimState{bits}bit" and proxy.numel() == 4608
     assert values.data_ptr() == proxy.data_ptr()  # the parameter is the front of the padded buffer
     assert torch.count_nonzero(proxy.detach()[4500:]) == 0
 
