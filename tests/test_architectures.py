@@ -433,10 +433,23 @@ def test_transformer_encoder_layer_default_config_selects_the_feed_forward_only(
     assert list(layers) == ["linear1", "linear2"]
     assert all(p.method == "lost" and p.config.activation == "silu" for _, p in layers.values())
     assert type(model.self_attn.out_proj.weight) is nn.Parameter
+    # the reference: a copy whose two feed-forward layers output the LOST-SiLU formula in float64
+    from lsparam.testing import reference_forward
+
+    reference = copy.deepcopy(model).double()
+    for layer, p in lsparam.structured_layers(reference).values():
+        plist = layer.parametrizations.weight
+        factors = [getattr(plist, f"original{i}") for i in range(len(p.factor_names))]
+        layer.register_forward_hook(lambda m, args, out, p=p, f=factors: reference_forward(p, f, args[0]) + m.bias)
+    inputs = {k: v.double() for k, v in FAMILIES["transformer_encoder_layer"].inputs().items()}
+    with torch.no_grad():
+        expected = reference(**inputs).float()
     # eval + no_grad is where the layer would take its native fast path, which reads weights directly
     out = run_no_grad(model, "transformer_encoder_layer")
-    assert out[0].shape == dense_out[0].shape and torch.isfinite(out[0]).all()
+    assert out[0].shape == dense_out[0].shape
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)
     out = run(model, "transformer_encoder_layer")
+    torch.testing.assert_close(out[0].detach(), expected, atol=1e-5, rtol=1e-5)
     out[0].sum().backward()
     assert all(p.grad is not None for p in factor_parameters(model).values())
 
