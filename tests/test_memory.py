@@ -68,9 +68,36 @@ def test_state_bytes_follow_torchao_rules():
             expected += 2 * 4 * n
         else:
             padded = math.ceil(n / 256) * 256
-            expected += 2 * (padded + padded // 256 * 4)
+            expected += 2 * (padded + padded // 256 * 4 + 256 * 4)  # codes, a scale per block, the code table
     assert eight.optimizer_states == expected
     assert full.optimizer_states == 2 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def held_state_bytes(optimizer) -> int:
+    """Bytes of every tensor an optimizer's states hold (torchao's low-bit states: their component tensors)."""
+    total = 0
+    for inner in optimizer._inner:
+        for state in inner.state.values():
+            for key, value in state.items():
+                if key == "step":  # a scalar, not counted by the ledger
+                    continue
+                parts = value.__tensor_flatten__()[0] if hasattr(value, "__tensor_flatten__") else []
+                tensors = [getattr(value, name) for name in parts] or [value]
+                total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+@pytest.mark.parametrize("name", ["full", "sltrain", "lost"])
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_state_bytes_equal_what_the_optimizer_holds_after_a_step(name, bits):
+    from lsparam.optim import LeanOptimizer
+
+    model = real_model(CONFIGS[name])
+    optimizer = LeanOptimizer(model, torch.optim.AdamW, lr=1e-3, state_bits=bits)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert held_state_bytes(optimizer) == estimate(model, param_dtype="fp32", state_bits=bits).optimizer_states
 
 
 def test_per_layer_keeps_only_the_largest_gradient():

@@ -13,21 +13,23 @@ from lsparam.extras import require
 # precision. The memory ledger and LeanOptimizer both follow these, from here.
 LOWBIT_BLOCK = {8: 256, 4: 128}
 MIN_LOWBIT_NUMEL = 4096
+# Each low-bit state also holds its own float32 code table (torchao's qmap): 2^bits entries.
+QMAP_BYTES = {bits: 4 * 2**bits for bits in LOWBIT_BLOCK}
 
 
 def state_bytes(numel: int, state_bits: int, param_bytes: int, per_state: int) -> int:
     """Bytes of ``per_state`` optimizer states of one ``numel``-element tensor under LeanOptimizer: in the
     parameter's dtype at 32 bits and for small tensors; else ``state_bits`` per element (padded to whole
-    blocks, as LeanOptimizer pads) plus a 4-byte scale per block.
+    blocks, as LeanOptimizer pads), a 4-byte scale per block and the state's code table.
 
-    >>> state_bytes(4096, 8, 4, 2), state_bytes(100, 8, 4, 2)
-    (8320, 800)
+    >>> state_bytes(4096, 8, 4, 2), state_bytes(100, 8, 4, 2)  # 2 x (4096 codes + 16 scales + 256-entry table)
+    (10368, 800)
     """
     if state_bits == 32 or numel < MIN_LOWBIT_NUMEL:
         return per_state * numel * param_bytes
     block = LOWBIT_BLOCK[state_bits]
     padded = math.ceil(numel / block) * block
-    return per_state * (padded * state_bits // 8 + (padded // block) * 4)
+    return per_state * (padded * state_bits // 8 + (padded // block) * 4 + QMAP_BYTES[state_bits])
 
 
 def _torchao_classes():
