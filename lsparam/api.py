@@ -165,6 +165,7 @@ def merge(model: nn.Module) -> nn.Module:
     again, each weight in its module's own layout; in place.
 
     Refuses (``NoDenseFormError``, model untouched) when a layer has no dense form (SiLU-LOST, CoLA).
+    ``merge(copy.deepcopy(model))`` gives a dense copy and leaves ``model`` parametrized and training.
 
     Example:
         >>> import torch, lsparam
