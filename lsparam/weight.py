@@ -130,9 +130,42 @@ class StructuredWeight(torch.Tensor):
         if func in _METADATA_FUNCS:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        # the tensor an op acts on: its first argument (torch.nn.init's functions pass it as `tensor=`)
+        target = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+        if isinstance(target, StructuredWeight):
+            if func == _DATA_GET:  # a detached weight, so that `weight.data.normal_()` is refused as well
+                return StructuredWeight(target.parametrization, tuple(f.detach() for f in target.factors))
+            if _writes_to_self(func):
+                raise _lost_write(func, target)
         # Every other op sees the dense matrix, built through the differentiable formula.
         args, kwargs = tree_map_only(StructuredWeight, StructuredWeight.dense, (args, kwargs))
         return func(*args, **kwargs)
+
+
+_DATA_GET, _DATA_SET = torch.Tensor.data.__get__, torch.Tensor.data.__set__
+
+
+def _writes_to_self(func) -> bool:
+    """In-place ops (``mul_``, ``copy_``, ``torch.nn.init.normal_``, ``+=``) and ``.data =``."""
+    name = getattr(func, "__name__", "")
+    return func == _DATA_SET or (name.endswith("_") and not name.startswith("__"))
+
+
+def _lost_write(func, weight: StructuredWeight) -> RuntimeError:
+    """Writing into a structured weight would write into a dense copy of it, computed and then dropped."""
+    p = weight.parametrization
+    where = f"layer {p.layer_name!r}" if p.layer_name else "a parametrized layer"
+    name = "`.data =`" if func == _DATA_SET else f"in-place {getattr(func, '__name__', func)}"
+    factors = f"layer.parametrizations.weight.original0, ... = {list(p.factor_names)}"
+    if getattr(func, "__name__", "") == "requires_grad_":
+        fix = "Set it on the factors instead: layer.parametrizations.weight.requires_grad_(False) freezes the layer."
+    else:
+        fix = (f"Assign a new dense weight instead (`layer.weight = W` factorises W as parametrize did, for the "
+               f"methods whose init reads the weight), or change the factors ({factors}).")
+    return RuntimeError(
+        f"{name} on the weight of {where} would be lost: a parametrized layer's weight is computed from its "
+        f"factors on each access, not stored. {fix}"
+    )
 
 
 def _placeholder(parametrization, reference: torch.Tensor) -> torch.Tensor:

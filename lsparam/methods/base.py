@@ -66,6 +66,7 @@ class StructuredParametrization(nn.Module):
         self.transposed = False
         self.init_error: float | None = None
         self._removal_value = None
+        self._registered = False  # set by the first right_inverse, parametrize's; later ones are assignments
         # The config, as JSON bytes: refuses loading a state_dict made with another config.
         self.register_buffer("lsparam_spec", encode_spec(self.spec()))
         self.register_load_state_dict_pre_hook(_check_spec_on_load)
@@ -101,10 +102,38 @@ class StructuredParametrization(nn.Module):
         return tuple(self.factor_roles) if len(self.factor_roles) == count else ("other",) * count
 
     # ---- the parametrize protocol -------------------------------------------------------------
+    def init_reads_weight(self) -> bool:
+        """Whether ``init_factors`` derives the factors from the weight it is given (an SVD, the largest
+        entries), rather than drawing them with the weight's shape alone (SLTrain's and CoLA's random inits)."""
+        return True
+
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The factors for ``weight``: at registration, the method's init; afterwards ``layer.weight = W``,
+        which factorises ``W`` the same way, refused where the result would not be ``W``'s factorisation."""
+        if self._registered:
+            self._check_assignable()
         with torch.no_grad():
             factors = self.init_factors(weight.t() if self.transposed else weight)
+        if self._registered:
+            self.init_error = None  # measured against the weight parametrize replaced, not this one
+        self._registered = True
         return tuple(f.to(dtype=weight.dtype, device=weight.device).contiguous() for f in factors)
+
+    def _check_assignable(self) -> None:
+        where = f"layer {self.layer_name!r}" if self.layer_name else "this layer"
+        if not self.has_dense_form:
+            raise NoDenseFormError(
+                f"{where} ({self.method}) has no dense form ({self.no_dense_reason}), so it cannot take a dense "
+                f"weight: `layer.weight = W` would not make it compute x Wᵀ. Set its factors "
+                f"(layer.parametrizations.weight.original0, ... = {list(self.factor_names)}) instead."
+            )
+        if not self.init_reads_weight():
+            raise ValueError(
+                f"`layer.weight = W` on {where} would be ignored: its init ({self.method}, "
+                f"init={getattr(self.config, 'init', 'random')!r}) draws the factors without reading the weight. "
+                f"Parametrize with init='dense' to factorise a given weight, or set the factors "
+                f"(layer.parametrizations.weight.original0, ... = {list(self.factor_names)}) directly."
+            )
 
     def forward(self, *factors: torch.Tensor) -> StructuredWeight:
         if self._removal_value is not None:  # see remove_structured_weight

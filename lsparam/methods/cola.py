@@ -86,6 +86,9 @@ class CoLAParametrization(StructuredParametrization):
         self.rank = resolve_rank(config.rank, out_features, in_features, layer=layer_name)
         super().__init__(config, out_features, in_features, layer_name)
 
+    def init_reads_weight(self) -> bool:
+        return False
+
     def init_factors(self, weight):
         """The paper's init: normal entries of std :func:`cola_init_std`; ``weight`` gives only the shape.
 

@@ -141,6 +141,9 @@ class SLTrainParametrization(StructuredParametrization):
             total += 4 * (2 * support.nnz + support.shape[1] + 1)
         return total
 
+    def init_reads_weight(self) -> bool:
+        return self.config.init == "dense"
+
     def init_factors(self, weight):
         if self.config.init == "random":
             generator = torch.Generator().manual_seed(self._seed("init"))
