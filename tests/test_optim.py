@@ -258,8 +258,16 @@ def test_eight_bit_states_are_low_bit_even_for_odd_sized_sparse_values(tmp_path)
                     assert torch.equal(va, vb)
 
 
+CLEARS = {
+    "optimizer.zero_grad()": lambda layer, optimizer: optimizer.zero_grad(),
+    "model.zero_grad()": lambda layer, optimizer: layer.zero_grad(),  # what transformers' Trainer calls
+    "model.zero_grad(set_to_none=False)": lambda layer, optimizer: layer.zero_grad(set_to_none=False),
+}
+
+
+@pytest.mark.parametrize("clear", list(CLEARS))
 @pytest.mark.parametrize("bits", [8, 4])
-def test_padded_low_bit_state_for_a_size_torchao_would_leave_in_fp32(bits):
+def test_padded_low_bit_state_for_a_size_torchao_would_leave_in_fp32(bits, clear):
     from torchao.optim import AdamW4bit, AdamW8bit
 
     torch.manual_seed(0)
@@ -280,7 +288,7 @@ def test_padded_low_bit_state_for_a_size_torchao_would_leave_in_fp32(bits):
         padded.grad = torch.cat([grad, torch.zeros(108)])
         optimizer.step()
         reference.step()
-        optimizer.zero_grad()
+        CLEARS[clear](layer, optimizer)  # each update sees its own step's gradient only, however it is cleared
         torch.testing.assert_close(values.detach(), padded.detach()[:4500], rtol=0, atol=0)
     state = optimizer._inner[0].state
     assert len(state) == 1
@@ -288,6 +296,37 @@ def test_padded_low_bit_state_for_a_size_torchao_would_leave_in_fp32(bits):
     assert type(s["exp_avg"]).__name__ == f"OptimState{bits}bit" and proxy.numel() == 4608
     assert values.data_ptr() == proxy.data_ptr()  # the parameter is the front of the padded buffer
     assert torch.count_nonzero(proxy.detach()[4500:]) == 0
+
+
+def test_clipping_over_the_model_sees_padded_low_bit_parameters():
+    # a gradient norm over model.parameters() (Trainer's max_grad_norm, a user's clip_grad_norm_) must count
+    # the parameters whose low-bit state lives in a padded proxy, and clip them
+    norms = {}
+    for bits in (32, 8):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(100, 90, bias=False)
+        lsparam.parametrize(layer, lsparam.SLTrainConfig(rank=4, density=0.5), target_modules=None)
+        optimizer = LeanOptimizer(layer, torch.optim.AdamW, lr=1e-2, state_bits=bits)
+        layer(torch.randn(3, 100, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+        assert all(p.grad is not None for p in layer.parameters())
+        norms[bits] = torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
+        assert torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in layer.parameters()])) <= 1.0 + 1e-5
+        if bits == 8:
+            proxy = optimizer._proxies[id(layer.parametrizations.weight.original2)][1]
+            assert torch.linalg.vector_norm(proxy.grad) <= 1.0 + 1e-5  # the update reads the clipped gradient
+    torch.testing.assert_close(norms[8], norms[32], rtol=1e-6, atol=0)
+
+
+def test_a_step_after_the_model_cleared_its_gradients_changes_nothing():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(100, 90, bias=False)
+    lsparam.parametrize(layer, lsparam.SLTrainConfig(rank=4, density=0.5), target_modules=None)
+    optimizer = LeanOptimizer(layer, torch.optim.AdamW, lr=0.1, state_bits=8, weight_decay=0.1)
+    layer(torch.randn(3, 100)).square().sum().backward()
+    layer.zero_grad()  # e.g. a step skipped after an overflow
+    before = [p.detach().clone() for p in layer.parameters()]
+    optimizer.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, layer.parameters()))
 
 
 @pytest.mark.parametrize(

@@ -147,10 +147,10 @@ class LeanOptimizer(torch.optim.Optimizer):
             stepped = [{**options, "params": [piece for p in options["params"] for piece in pieces_of[id(p)]]}
                        for options in self.param_groups]
             self._inner = [inner_cls(stepped, **self.defaults)]
-            # proxied parameters pass each gradient on to their proxy as soon as it is accumulated, so
-            # clipping, loss scalers (GradScaler.unscale_) and the update all see it in param_groups
+            # a proxied parameter's gradient becomes a view of its proxy's as soon as it is accumulated, so
+            # clipping, loss scalers (GradScaler.unscale_), model.zero_grad() and the update act on one tensor
             for p, _ in self._proxies.values():
-                p.register_post_accumulate_grad_hook(self._move_gradient)
+                p.register_post_accumulate_grad_hook(self._alias_gradient)
             # and blocked ones give each block its rows of the gradient as soon as it exists, for the same
             # reason (a block, not its parameter, is what param_groups hold)
             for index, pieces in enumerate(self._pieces):
@@ -212,14 +212,25 @@ class LeanOptimizer(torch.optim.Optimizer):
             piece.grad = target.grad[start:start + piece.shape[0]]
             start += piece.shape[0]
 
-    def _move_gradient(self, param: torch.Tensor) -> None:
-        """Add a proxied parameter's gradient into its padded proxy's gradient."""
-        if id(param) not in self._proxies or param.grad is None:
+    def _alias_gradient(self, param: torch.Tensor) -> None:
+        """Make a proxied parameter's gradient the front of its proxy's (zero-padded) gradient, a view.
+
+        The parameter's ``.grad`` stays the one source of truth: autograd accumulates into the view,
+        ``model.zero_grad()`` clears it (a fresh gradient then replaces the proxy's), clipping over
+        ``model.parameters()`` scales it, and the inner optimizer reads the proxy's.
+        """
+        if id(param) not in self._proxies:
             return
-        proxy = self._proxies[id(param)][1]
-        grad = torch.nn.functional.pad(param.grad.reshape(-1), (0, proxy.numel() - param.numel()))
-        proxy.grad = grad if proxy.grad is None else proxy.grad.add_(grad)
-        param.grad = None
+        proxy, grad = self._proxies[id(param)][1], param.grad
+        if grad is None:
+            proxy.grad = None
+            return
+        if proxy.grad is not None and grad.data_ptr() == proxy.grad.data_ptr():
+            return  # already the view
+        padded = torch.zeros_like(proxy)
+        padded[: param.numel()].copy_(grad.reshape(-1))
+        proxy.grad = padded
+        param.grad = padded[: param.numel()].view(param.shape)
 
     # ---- the update ------------------------------------------------------------------------------
     def _boundary(self, key) -> bool:
@@ -237,7 +248,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         def hook(param):
             if not self._boundary(index):
                 return
-            self._move_gradient(param)
+            self._alias_gradient(param)
             target = self._targets[index]
             self._scale_accumulated([target])
             if self.clip_norm is not None:
@@ -262,6 +273,8 @@ class LeanOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.per_layer or not self._boundary(None):
             return loss
+        for param, _ in self._proxies.values():  # a gradient set or cleared by hand, without a backward
+            self._alias_gradient(param)
         with_grad = [t for t in self._targets if t.grad is not None]
         self._scale_accumulated(with_grad)
         if self.clip_norm is not None:
@@ -279,6 +292,9 @@ class LeanOptimizer(torch.optim.Optimizer):
         if self._micro_steps[None] % self.accumulation_steps == 0:
             for t in self._targets:
                 t.grad = None if set_to_none else (t.grad.zero_() if t.grad is not None else None)
+            if set_to_none:  # a proxied parameter's gradient is a view of its proxy's
+                for param, _ in self._proxies.values():
+                    param.grad = None
             if set_to_none:  # blocks view their target's gradient: they let it go with it
                 for pieces in self._pieces:
                     if len(pieces) > 1:
