@@ -343,6 +343,35 @@ def test_bad_arguments(kwargs, message):
         LeanOptimizer(small_model(), torch.optim.AdamW, **kwargs)
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_param_groups_given_as_generators_are_trained_as_torch_trains_them(per_layer):
+    data = batches(3)
+    model_ref = small_model()
+    reference = train(model_ref, torch.optim.AdamW([{"params": model_ref[0].parameters(), "lr": 1e-2},
+                                                    {"params": model_ref[3].parameters()}], lr=1e-3, weight_decay=0.0,
+                                                   fused=True), data)
+    model = small_model()
+    groups = [{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[3].parameters()}]
+    got = train(model, LeanOptimizer(groups, torch.optim.AdamW, lr=1e-3, per_layer=per_layer), data)
+    for g, w in zip(got, reference):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_adding_a_param_group_after_construction_is_refused():
+    model = small_model()
+    optimizer = LeanOptimizer(model, torch.optim.AdamW)
+    groups = [dict(g) for g in optimizer.param_groups]
+    with pytest.raises(NotImplementedError, match="cannot be added after construction"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    assert [g["params"] for g in optimizer.param_groups] == [g["params"] for g in groups]
+
+
+def test_an_empty_param_group_is_refused():
+    model = small_model()
+    with pytest.raises(ValueError, match="param group 1 has no parameters"):
+        LeanOptimizer([{"params": model[0].parameters()}, {"params": []}], torch.optim.AdamW)
+
+
 def test_optimizer_class_must_be_an_optimizer():
     with pytest.raises(TypeError, match="optimizer_cls must be a torch.optim.Optimizer subclass; got <class 'dict'>"):
         LeanOptimizer(small_model(), dict)

@@ -115,7 +115,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         if isinstance(params, nn.Module):
             names = {id(p): name for name, p in params.named_parameters()}
             params = param_groups_by_role(params, weight_decay)
-        params = list(params)
+        params = _listed_groups(params)
         if state_bits == 32:
             optimizer_kwargs = _with_fused_default(optimizer_cls, params, optimizer_kwargs)
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **optimizer_kwargs})
@@ -301,6 +301,17 @@ class LeanOptimizer(torch.optim.Optimizer):
                         for piece in pieces:
                             piece.grad = None
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Refused once built: the inner optimizers, padded proxies and per-layer hooks are made for the
+        parameters given at construction, and a group added to ``param_groups`` would never be updated."""
+        if getattr(self, "_inner", None) is None:  # torch.optim.Optimizer.__init__ adds the initial groups
+            return super().add_param_group(param_group)
+        raise NotImplementedError(
+            "LeanOptimizer.add_param_group: parameters cannot be added after construction (the inner "
+            "optimizers, padded low-bit proxies and per-layer hooks are built for the parameters given then). "
+            "Build a new LeanOptimizer over all the parameters, e.g. when unfreezing layers."
+        )
+
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain tensors and Python values only: loads with ``torch.load(weights_only=True)``.
@@ -417,6 +428,24 @@ def _validate(optimizer_cls, lr, weight_decay, per_layer, state_bits, accumulati
         raise ValueError(f"accumulation_steps must be an int >= 1; got accumulation_steps={accumulation_steps!r}")
     if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(clip_norm, numbers.Real) or not clip_norm > 0):
         raise ValueError(f"clip_norm must be None or a positive number; got clip_norm={clip_norm!r}")
+
+
+def _listed_groups(params) -> list:
+    """``params`` as a list, each group's ``"params"`` a list too: read more than once here (a generator,
+    as ``module.parameters()`` is, would be empty the second time), and no group may be empty."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(f"params must be a model or an iterable of tensors or param-group dicts; got one "
+                        f"{type(params).__name__} (wrap it in a list)")
+    listed = []
+    for index, item in enumerate(params):
+        if isinstance(item, dict):
+            group = item["params"]
+            group = [group] if isinstance(group, torch.Tensor) else list(group)
+            if not group:
+                raise ValueError(f"param group {index} has no parameters; give each group at least one tensor")
+            item = {**item, "params": group}
+        listed.append(item)
+    return listed
 
 
 def _with_fused_default(optimizer_cls, params: list, optimizer_kwargs: dict) -> dict:
