@@ -28,13 +28,14 @@ import types
 
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, num_items_in_batch=None) -> torch.Tensor:
     """Mean next-token cross-entropy of ``hidden @ weight.T`` against ``labels`` shifted by one, in chunks.
 
     Args:
@@ -43,21 +44,26 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         labels: ``(batch, seq)`` token ids; position ``t`` is predicted from ``hidden[:, t - 1]``;
             ``-100`` marks positions left out of the loss.
         chunk_tokens: tokens per chunk; the peak extra memory is ``chunk_tokens × vocab`` fp32 values.
+        num_items_in_batch: divide the summed loss by this instead of this batch's target count, as
+            ``ForCausalLMLoss`` does when ``Trainer`` accumulates gradients (the targets of the whole
+            accumulation window).
     """
     if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int; got chunk_tokens={chunk_tokens!r}")
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedCrossEntropy.apply(states, weight, targets, chunk_tokens)
-    loss, _, _ = _loss_and_grads(states, weight, targets, chunk_tokens, with_grads=False)
+        return _ChunkedCrossEntropy.apply(states, weight, targets, chunk_tokens, num_items_in_batch)
+    loss, _, _ = _loss_and_grads(states, weight, targets, chunk_tokens, num_items_in_batch, with_grads=False)
     return loss
 
 
-def _loss_and_grads(states, weight, targets, chunk_tokens: int, with_grads: bool):
+def _loss_and_grads(states, weight, targets, chunk_tokens: int, num_items_in_batch, with_grads: bool):
     exact = torch.promote_types(weight.dtype, torch.float32)  # fp32 as the plain path's upcast, fp64 stays fp64
-    count = (targets != IGNORE_INDEX).sum()
-    denominator = count.clamp(min=1).to(exact)
+    if num_items_in_batch is None:
+        denominator = (targets != IGNORE_INDEX).sum().clamp(min=1).to(exact)
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=states.device).to(exact)
     total = torch.zeros((), dtype=exact, device=states.device)
     grad_states = torch.empty_like(states) if with_grads else None
     # several chunks' head gradients are summed in fp32 (or fp64); one chunk's is made in the weight's
@@ -119,8 +125,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, states, weight, targets, chunk_tokens: int):
-        loss, grad_states, grad_weight = _loss_and_grads(states, weight, targets, chunk_tokens, with_grads=True)
+    def forward(ctx, states, weight, targets, chunk_tokens: int, num_items_in_batch):
+        loss, grad_states, grad_weight = _loss_and_grads(states, weight, targets, chunk_tokens, num_items_in_batch,
+                                                         with_grads=True)
         ctx.grads = (grad_states, grad_weight.to(weight.dtype))
         return loss
 
@@ -133,15 +140,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_states, grad_weight = ctx.grads
         ctx.grads = None  # handed on, not kept
         scale = grad_loss.to(grad_states.dtype)
-        return grad_states.mul_(scale), grad_weight.mul_(scale), None, None
+        return grad_states.mul_(scale), grad_weight.mul_(scale), None, None, None
 
 
 def use_lean_head(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.nn.Module:
     """Make ``model(input_ids=..., labels=...)`` compute its loss with :func:`causal_lm_loss`.
 
     ``model`` is a transformers causal LM with ``model.model`` (the decoder, returning
-    ``last_hidden_state``) and a bias-free ``model.lm_head``. The output has ``loss`` and no ``logits``
-    (calls without ``labels`` get the original forward, logits and all). Returns ``model``.
+    ``last_hidden_state``) and a bias-free, dense ``model.lm_head``. The output has ``loss`` and no
+    ``logits`` (calls without ``labels`` get the original forward, logits and all). ``num_items_in_batch``
+    (passed by ``Trainer`` when it accumulates gradients) divides the summed loss, as in transformers' own
+    loss. Returns ``model``.
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -149,13 +158,18 @@ def use_lean_head(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKE
     if not isinstance(head, torch.nn.Linear) or head.bias is not None or not hasattr(model, "model"):
         raise ValueError(f"use_lean_head needs a causal LM with .model and a bias-free nn.Linear .lm_head; got "
                          f"{type(model).__name__} with lm_head={head!r}")
+    if torch.nn.utils.parametrize.is_parametrized(head, "weight"):
+        # the chunked loss computes the head's gradient itself; a structured weight would not pass it on
+        raise ValueError("use_lean_head needs a dense lm_head, and this model's lm_head is parametrized: leave "
+                         "it out of parametrize's target_modules, or keep the model's own head")
     plain = model.forward
 
-    def forward(self, input_ids=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
         if labels is None:
             return plain(input_ids=input_ids, **kwargs)
         hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
-        return CausalLMOutputWithPast(loss=causal_lm_loss(hidden, self.lm_head.weight, labels, chunk_tokens))
+        loss = causal_lm_loss(hidden, self.lm_head.weight, labels, chunk_tokens, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss)
 
     model.forward = types.MethodType(forward, model)
     return model

@@ -68,6 +68,35 @@ def test_a_llama_with_the_lean_head_has_the_plain_loss_and_gradients(tied):
     assert lean(input_ids=ids).logits.shape == (2, 12, 128)  # without labels: the plain forward
 
 
+def test_num_items_in_batch_divides_the_summed_loss_as_transformers_does():
+    # Trainer, accumulating gradients over micro-batches, passes the window's target count to a model whose
+    # forward takes loss kwargs, and stops dividing by the number of micro-batches itself
+    plain = tiny_llama(0).double().train()
+    lean = use_lean_head(tiny_llama(0).double().train(), chunk_tokens=5)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    window = 3 * ids[:, 1:].numel()  # as if this were one of three micro-batches
+    summed = F.cross_entropy(plain(input_ids=ids).logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1),
+                             reduction="sum")
+    expected = summed / window
+    got = lean(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(window)).loss
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # transformers' own loss with the same count (its logits upcast to float32)
+        own = plain(input_ids=ids, labels=ids, num_items_in_batch=window).loss
+    torch.testing.assert_close(got, own.to(got.dtype), rtol=1e-6, atol=1e-7)
+    expected.backward()
+    got.backward()
+    for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_parametrized_head_is_refused():
+    import lsparam
+
+    model = lsparam.parametrize(tiny_llama(0), lsparam.LowRankConfig(rank=8), target_modules=["lm_head"])
+    with pytest.raises(ValueError, match="lm_head is parametrized"):
+        use_lean_head(model)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="chunk_tokens must be a positive int; got chunk_tokens=0"):
         causal_lm_loss(torch.zeros(1, 2, 3), torch.zeros(4, 3), torch.zeros(1, 2, dtype=torch.long), chunk_tokens=0)
