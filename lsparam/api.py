@@ -94,6 +94,7 @@ def parametrize(model: nn.Module, config=None, *, target_modules=ALL_LINEAR, exc
             parametrization.to(device=dense.device)
             # unsafe=True: the originals are the factors, whose shapes differ from the weight's.
             torch_parametrize.register_parametrization(layer, "weight", parametrization, unsafe=True)
+            parametrization.bind(layer.parametrizations.weight)
             registered.append((layer, dense))
             parametrization.init_error = _relative_error(layer.weight, dense)
     except BaseException:

@@ -107,3 +107,25 @@ def test_an_assignment_that_would_not_hold_the_weight_is_refused(config, error, 
     with pytest.raises(error, match=message):
         layer.weight = torch.randn(OUT, IN, dtype=torch.float64)
     assert all(torch.equal(a, b) for a, b in zip(factors_of(layer), before))
+
+
+@pytest.mark.parametrize("config", [lsparam.LowRankConfig(rank=3), lsparam.LOSTConfig(rank=3, channel_ratio=0.25),
+                                    lsparam.SLTrainConfig(rank=3, density=0.2, init="dense")],
+                         ids=["lowrank", "lost", "sltrain-dense"])
+@pytest.mark.parametrize("bad", ["shape", "dtype"])
+def test_an_assignment_of_another_shape_or_dtype_is_refused_and_changes_nothing(config, bad):
+    import copy
+
+    layer = named_layer(config)
+    x = torch.randn(3, IN, dtype=torch.float64)
+    y, buffers = layer(x).detach(), {k: v.clone() for k, v in layer.named_buffers()}
+    W = torch.randn(OUT + 2, IN) if bad == "shape" else torch.randn(OUT, IN, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"W must have the layer's shape \(10, 12\), dtype torch.float64"):
+        layer.weight = W
+    assert torch.equal(layer(x).detach(), y)
+    assert all(torch.equal(v, buffers[k]) for k, v in layer.named_buffers())
+    twin = copy.deepcopy(layer)  # a copy checks against its own factors
+    with pytest.raises(ValueError, match="W must have"):
+        twin.weight = W
+    twin.weight = torch.randn(OUT, IN, dtype=torch.float64)
+    assert torch.equal(layer(x).detach(), y)

@@ -111,7 +111,7 @@ class StructuredParametrization(nn.Module):
         """The factors for ``weight``: at registration, the method's init; afterwards ``layer.weight = W``,
         which factorises ``W`` the same way, refused where the result would not be ``W``'s factorisation."""
         if self._registered:
-            self._check_assignable()
+            self._check_assignable(weight)
         with torch.no_grad():
             factors = self.init_factors(weight.t() if self.transposed else weight)
         if self._registered:
@@ -119,8 +119,24 @@ class StructuredParametrization(nn.Module):
         self._registered = True
         return tuple(f.to(dtype=weight.dtype, device=weight.device).contiguous() for f in factors)
 
-    def _check_assignable(self) -> None:
+    def bind(self, originals: nn.Module) -> None:
+        """Remember the ``ParametrizationList`` holding this weight's factors (set by ``parametrize``), so
+        that an assignment can be checked against them before any buffer changes. A plain attribute, not a
+        submodule: ``copy.deepcopy`` maps it to the copy's list."""
+        object.__setattr__(self, "_originals", originals)
+
+    def _check_assignable(self, weight: torch.Tensor) -> None:
         where = f"layer {self.layer_name!r}" if self.layer_name else "this layer"
+        originals = self.__dict__.get("_originals")
+        if originals is not None:  # torch checks the dtype only after init_factors changed the buffers
+            reference = originals.original0
+            shape = (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
+            if tuple(weight.shape) != shape or weight.dtype != reference.dtype or weight.device != reference.device:
+                raise ValueError(
+                    f"`layer.weight = W` on {where}: W must have the layer's shape {shape}, dtype "
+                    f"{reference.dtype} and device {reference.device}; got {tuple(weight.shape)}, {weight.dtype}, "
+                    f"{weight.device}"
+                )
         if not self.has_dense_form:
             raise NoDenseFormError(
                 f"{where} ({self.method}) has no dense form ({self.no_dense_reason}), so it cannot take a dense "
