@@ -275,3 +275,40 @@ def test_sltrain_on_cuda_matches_cpu(backend):
     y_cpu = layer(x)
     layer.cuda()
     torch.testing.assert_close(layer(x.cuda()).cpu(), y_cpu)
+
+
+def _sltrain_pair(backend):
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(40, 48), torch.nn.ReLU(), torch.nn.Linear(48, 40))
+        return lsparam.parametrize(model, lsparam.SLTrainConfig(rank=4, density=0.1, sparse_backend=backend),
+                                   target_modules=["0", "2"])
+
+    return build
+
+
+@pytest.mark.parametrize("backend", ["gather", "csr", "scatter"])
+@pytest.mark.parametrize("route", ["meta copy", "built on meta"])
+def test_a_model_materialised_from_meta_gets_its_drawn_support_back_on_load(backend, route):
+    # FSDP's and accelerate's low-memory init: the model on the meta device, to_empty, then load_state_dict.
+    # The drawn support is not in the state_dict, and to_empty leaves its buffers uninitialised.
+    build = _sltrain_pair(backend)
+    source = build()
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    expected = source(x)
+    if route == "meta copy":
+        model = __import__("copy").deepcopy(source).to("meta")
+    else:
+        with torch.device("meta"):
+            model = build()
+    model.to_empty(device="cpu")
+    for layer in (model[0], model[2]):  # what uninitialised memory may hold
+        support = layer.parametrizations.weight[0].support
+        support.crow_indices.fill_(1 << 20)
+        support.col_indices.fill_(7)
+        assert not support.holds_valid_csr()
+    model.load_state_dict(source.state_dict())
+    for mine, theirs in ((model[0], source[0]), (model[2], source[2])):
+        a, b = mine.parametrizations.weight[0].support, theirs.parametrizations.weight[0].support
+        assert torch.equal(a.crow_indices, b.crow_indices) and torch.equal(a.col_indices, b.col_indices)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

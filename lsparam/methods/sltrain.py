@@ -103,10 +103,8 @@ class SLTrainParametrization(StructuredParametrization):
         shape = (out_features, in_features)
         if on_meta:  # shapes only (memory estimates): drawing a support would cost time for nothing
             flat = None
-        elif config.sparse_backend == "semi-structured":
-            flat = two_four_flat_indices(*shape, self._seed("support"))
         elif config.init == "random":
-            flat = uniform_flat_indices(out_features * in_features, nnz, self._seed("support"))
+            flat = self._drawn_support()
         else:  # "dense": chosen from the weight in init_factors; a placeholder until then
             flat = torch.arange(nnz)
         # A random support is regenerated from the seed, so it is kept out of the state_dict.
@@ -119,6 +117,21 @@ class SLTrainParametrization(StructuredParametrization):
         if self.config.init == "random":
             spec["support_name"] = self.layer_name
         return spec
+
+    def _drawn_support(self) -> torch.Tensor:
+        """The support ``init="random"`` draws from (seed, layer name, shape): 2:4, or uniform."""
+        shape = (self.out_features, self.in_features)
+        if self.config.sparse_backend == "semi-structured":
+            return two_four_flat_indices(*shape, self._seed("support"))
+        return uniform_flat_indices(shape[0] * shape[1], sltrain_nnz(self.config.density, *shape), self._seed("support"))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # A drawn support is not in the state_dict. After `to_empty` (a model built on the meta device, as
+        # FSDP and accelerate do) its buffers hold uninitialised memory, which the kernels would read out
+        # of bounds: draw it again, as at construction (checked first: drawing costs a permutation of out·in).
+        if self.config.init == "random" and not self.support.holds_valid_csr():
+            self.support.reset(self._drawn_support())
 
     def _seed(self, purpose: str) -> int:
         return derived_seed(self.config.seed, self.layer_name, self.out_features, self.in_features, purpose)

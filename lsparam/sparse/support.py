@@ -11,6 +11,7 @@ import hashlib
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 
 def derived_seed(*parts) -> int:
@@ -117,6 +118,30 @@ class SparseSupport(nn.Module):
         self.crow_indices.copy_(crow)
         self.col_indices.copy_(col)
         self._transpose = None
+
+    def holds_valid_csr(self) -> bool:
+        """Whether the arrays are a support of this shape: row pointers from 0 to ``nnz``, non-decreasing,
+        and in each row columns in range and increasing (uninitialised memory is not). Shape-only arrays
+        (meta, fake) count as valid.
+
+        >>> s = SparseSupport(torch.tensor([1, 4, 5]), (2, 3), persistent=False)
+        >>> s.holds_valid_csr()
+        True
+        >>> _ = s.col_indices.fill_(3)  # a column past the shape's 3
+        >>> s.holds_valid_csr()
+        False
+        """
+        if self.crow_indices.is_meta or is_fake(self.crow_indices):
+            return True
+        crow, cols = self.crow_indices.to(torch.int64).cpu(), self.col_indices.to(torch.int64).cpu()
+        nnz = cols.numel()
+        if crow.numel() != self.shape[0] + 1 or crow[0] != 0 or crow[-1] != nnz or bool((crow.diff() < 0).any()):
+            return False
+        if nnz and (int(cols.min()) < 0 or int(cols.max()) >= self.shape[1]):
+            return False
+        row_start = torch.zeros(nnz, dtype=torch.bool)
+        row_start[crow[:-1][crow[:-1] < nnz]] = True
+        return bool(((cols.diff() > 0) | row_start[1:]).all())
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)  # copy_ converts an int32 state_dict's columns exactly
