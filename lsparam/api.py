@@ -101,11 +101,23 @@ def parametrize(model: nn.Module, config=None, *, target_modules=ALL_LINEAR, exc
         for layer, dense in registered:  # a failure never leaves a half-converted model
             remove_structured_weight(layer, dense)
         raise
-    if not getattr(model, "_lsparam_load_check", False):
-        model.register_load_state_dict_pre_hook(check_specs_before_loading)
-        model._lsparam_load_check = True
+    _check_loads_through(model, routed)
     _warn_about_layers_that_save_nothing(built, layers)
     return model
+
+
+def _check_loads_through(model: nn.Module, layer_names) -> None:
+    """Put the load check on ``model`` and on every module between it and a parametrized layer (each once),
+    so that ``load_state_dict`` through any of them is checked before anything is copied."""
+    paths = {""}
+    for name in layer_names:
+        parts = name.split(".") if name else []
+        paths.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for path in sorted(paths):
+        module = model.get_submodule(path) if path else model
+        if not module.__dict__.get("_lsparam_load_check", False):
+            module.register_load_state_dict_pre_hook(check_specs_before_loading)
+            module.__dict__["_lsparam_load_check"] = True
 
 
 def _relative_error(weight, dense: torch.Tensor) -> float | None:

@@ -131,3 +131,38 @@ def test_a_dense_state_dict_into_a_parametrized_model_says_what_to_do():
 def test_per_layer_must_be_a_bool(value):
     with pytest.raises(TypeError, match=f"per_layer must be True or False; got per_layer={value!r}"):
         LeanOptimizer(torch.nn.Linear(4, 4), torch.optim.AdamW, per_layer=value)
+
+
+def test_factors_without_their_layer_buffers_are_refused():
+    # the parameters alone (named_parameters()) would put another model's factors on this model's kept
+    # channels, under a config never compared
+    source = lsparam.parametrize(parametrized_llama(seed=0)[0], lsparam.LOSTConfig(rank=8, channel_ratio=0.25))
+    model = lsparam.parametrize(parametrized_llama(seed=1)[0], lsparam.LOSTConfig(rank=8, channel_ratio=0.25, gamma=0.9))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    parameters = {k: v.detach().clone() for k, v in source.named_parameters()}
+    with pytest.raises(ValueError, match=r"has the lost factors of layer 'model\.layers\.0\.self_attn\.q_proj' but not "
+                                         r"\['model\.layers\.0\.self_attn\.q_proj\.parametrizations\.weight\.0\.lsparam_spec', "
+                                         r"'model\.layers\.0\.self_attn\.q_proj\.parametrizations\.weight\.0\.channels'\]"):
+        model.load_state_dict(parameters, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("how", ["nan", "dense"])
+def test_a_load_through_a_submodule_is_checked_too(how):
+    model, convert = parametrized_llama()
+    dense_layers = {k: v.clone() for k, v in model.model.layers.state_dict().items()}
+    convert(model)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    if how == "nan":
+        state, _ = corrupt(good, "nan")
+        state = {k.removeprefix("model.layers."): v for k, v in state.items() if k.startswith("model.layers.")}
+        message = "NaN or inf"
+    else:
+        state, message = dense_layers, r"holds a dense weight 0\.self_attn\.q_proj\.weight"
+    with pytest.raises(ValueError, match=message):
+        model.model.layers.load_state_dict(state, strict=False)
+    assert all(torch.equal(v, good[k]) for k, v in model.state_dict().items())
+    layer = model.model.layers[1].mlp.down_proj  # and through the layer itself
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.load_state_dict({k: v.clone().fill_(float("nan")) if "original" in k else v
+                               for k, v in layer.state_dict().items()})

@@ -181,9 +181,15 @@ def check_specs_before_loading(model: nn.Module, state_dict, prefix: str, *args,
     ``load_state_dict`` copies module by module, so a check that fails at a later layer would leave the
     embeddings and earlier layers overwritten. Refused here, with the model untouched: a layer made with
     another config; a factor of the wrong shape or holding NaN or inf; a layer with some of its factors but
-    not all; a dense ``weight`` where the layer holds factors. (A layer absent altogether is left to
-    ``strict``, which hooks do not see, so a ``strict=False`` partial load still works.)
+    not all, or its factors without its own buffers (config fingerprint, kept channels, chosen support); a
+    dense ``weight`` where the layer holds factors. (A layer absent altogether is left to ``strict``, which
+    hooks do not see, so a ``strict=False`` partial load still works.)
+
+    ``parametrize`` registers it on the model and on every module between it and a parametrized layer, so
+    a load through a submodule is checked as well; it checks only where the load starts (``prefix`` empty).
     """
+    if prefix:  # a module above this one started the load, and checked it
+        return
     for name, module in model.named_modules():
         if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
             parametrization = module.parametrizations.weight[0]
@@ -207,6 +213,14 @@ def _check_factors_on_load(name: str, layer: nn.Module, state_dict, prefix: str)
     if present and len(present) != len(keys):
         missing = [key for key in keys if key not in state_dict]
         raise ValueError(f"state_dict lacks the {method} factors {missing} of layer {name or '(model)'!r}; nothing was loaded")
+    buffers = [f"{prefix}parametrizations.weight.0.{key}" for key in parametrizations[0].state_dict()]
+    if present and any(key not in state_dict for key in buffers):
+        missing = [key for key in buffers if key not in state_dict]
+        raise ValueError(
+            f"state_dict has the {method} factors of layer {name or '(model)'!r} but not {missing}: factors "
+            f"without the config and index sets they were made with could describe another layer (load "
+            f"model.state_dict(), not named_parameters()); nothing was loaded"
+        )
     for i, key in enumerate(keys):
         if key not in state_dict:
             continue
