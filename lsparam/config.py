@@ -97,6 +97,15 @@ class _ConfigBase:
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    def _plain_numbers(self) -> None:
+        """NumPy (and other) numeric scalars as Python ints and floats: the config is stored as JSON with
+        each layer, and compared by value."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                continue
+            setattr(self, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))
+
 
 @dataclass
 class LowRankConfig(_ConfigBase):
@@ -119,6 +128,7 @@ class LowRankConfig(_ConfigBase):
     )
 
     def __post_init__(self):
+        self._plain_numbers()
         _check_rank(self.rank)
         _check_choice("init", self.init, LOWRANK_INITS)
 
@@ -156,6 +166,7 @@ class SLTrainConfig(_ConfigBase):
     )
 
     def __post_init__(self):
+        self._plain_numbers()
         _check_rank(self.rank)
         _check_fraction("density", self.density)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
@@ -222,6 +233,7 @@ class LOSTConfig(_ConfigBase):
     )
 
     def __post_init__(self):
+        self._plain_numbers()
         _check_rank(self.rank)
         _check_fraction("channel_ratio", self.channel_ratio)
         _check_fraction("gamma", self.gamma, low_open=False)
@@ -293,6 +305,7 @@ class CoLAConfig(_ConfigBase):
     )
 
     def __post_init__(self):
+        self._plain_numbers()
         _check_rank(self.rank)
         _check_choice("activation", self.activation, COLA_ACTIVATIONS)
         if not isinstance(self.checkpoint, bool):

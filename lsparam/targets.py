@@ -61,8 +61,17 @@ def _check_rule(arg: str, rule) -> None:
 
 
 def _check_list_entries(arg: str, rule, named: list[tuple[str, nn.Module]]) -> None:
-    """Every entry of a list rule must name some module: a typo is an error, not a silent no-op."""
-    if rule is None or callable(rule) or isinstance(rule, str):
+    """Every entry of a list rule, and an exclude_modules regex, must name some module: a typo is an error,
+    not a silent no-op."""
+    if rule is None or callable(rule) or rule == ALL_LINEAR:
+        return
+    if isinstance(rule, str):
+        if arg == "exclude_modules" and not any(_matches(rule, name) for name, _ in named):
+            raise TargetNotFoundError(
+                f"exclude_modules={rule!r} matched no module (a regex must match a whole module name, as "
+                f"re.fullmatch does: e.g. r'.*layers\\.0\\..*'); some module names in this model: "
+                f"{[name for name, m in named if is_linear_layer(m)][:6]}"
+            )
         return
     unmatched = [key for key in rule if not any(_entry_matches(key, name) for name, _ in named)]
     if unmatched:

@@ -112,6 +112,18 @@ def test_good_configs_build():
     assert lsparam.SLTrainConfig(density=0.5, sparse_backend="semi-structured").sparse_backend == "semi-structured"
 
 
+def test_numpy_numbers_in_a_config_are_the_python_ones():
+    import numpy as np
+
+    from_numpy = lsparam.SLTrainConfig(rank=np.int64(4), density=np.float64(0.25), alpha=np.float32(8), seed=np.int32(3))
+    assert from_numpy == lsparam.SLTrainConfig(rank=4, density=0.25, alpha=8.0, seed=3)
+    assert [type(v) for v in (from_numpy.rank, from_numpy.density, from_numpy.alpha, from_numpy.seed)] == [int, float, float, int]
+    layer = lsparam.parametrize(torch.nn.Linear(16, 16), from_numpy, target_modules=None)  # its spec is JSON
+    assert layer.parametrizations.weight[0].rank == 4
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        lsparam.LowRankConfig(rank=np.int64(0))
+
+
 # ---- per-layer checks in parametrize: the model is untouched ------------------------------------
 
 

@@ -77,8 +77,10 @@ def test_exclude_modules_removes_matches(llama):
     assert list(kept) == projection_names(["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
     kept = select_linear_layers(llama, ["q_proj"], exclude_modules=["layers.0.self_attn.q_proj"])
     assert list(kept) == ["model.layers.1.self_attn.q_proj"]
-    # Exclusion rules are full matches too: a bare "q_proj" regex excludes nothing.
-    assert list(select_linear_layers(llama, "all-linear", exclude_modules="q_proj")) == projection_names()
+    # Exclusion rules are full matches too: a bare "q_proj" regex matches no module, an error (not a no-op)
+    with pytest.raises(lsparam.TargetNotFoundError, match=r"exclude_modules='q_proj' matched no module.*re\.fullmatch"):
+        lsparam.parametrize(llama, RANK8, exclude_modules="q_proj")
+    assert parametrized_names(llama) == []
     lsparam.parametrize(llama, RANK8, exclude_modules=r".*self_attn.*")
     assert parametrized_names(llama) == projection_names(["gate_proj", "up_proj", "down_proj"])
     for name in projection_names(["q_proj", "k_proj", "v_proj", "o_proj"]):
