@@ -321,3 +321,24 @@ def test_every_built_in_factor_has_a_role():
     assert dict(zip(p.factor_names, p.roles())) == {"B": "lowrank_out", "A": "lowrank_in", "values": "sparse"}
     shapes = {role: tuple(getattr(layer.parametrizations.weight, f"original{i}").shape) for i, role in enumerate(p.roles())}
     assert shapes == {"lowrank_out": (16, 2), "lowrank_in": (2, 16), "sparse": (25,)}
+
+
+@pytest.mark.parametrize("layout", ["q_proj only", "mixed"])
+def test_a_partly_or_mixed_parametrized_model_is_counted_as_it_is(layout):
+    # activations of the model's own layout, not of its first layer's config applied to every layer
+    model = real_model(None)
+    if layout == "q_proj only":
+        lsparam.parametrize(model, lsparam.CoLAConfig(rank=16), target_modules=["q_proj"])
+    else:
+        lsparam.parametrize(model, {r"\.mlp\.": lsparam.CoLAConfig(rank=16), r"\.self_attn\.": lsparam.LowRankConfig(rank=16)})
+    ids = torch.zeros(1, 64, dtype=torch.long)
+    predicted = estimate(model, param_dtype="fp32", batch_size=1, seq_len=64)
+    assert predicted.activations == saved_activation_bytes(model, ids)
+    assert predicted.notes == []
+
+
+def test_decoder_layers_parametrized_differently_are_noted():
+    model = lsparam.parametrize(real_model(None), {r"layers\.0\.": lsparam.CoLAConfig(rank=16),
+                                                   r"layers\.1\.": lsparam.LowRankConfig(rank=16)})
+    assert estimate(model, param_dtype="fp32").notes == [
+        "decoder layers are parametrized differently: activations traced as layer 0's"]

@@ -8,6 +8,7 @@ saves. It answers for LLaMA-7B in about a second.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -120,9 +121,33 @@ def _build_shape_model(config, method, dtype: torch.dtype, layers: int | None = 
         config = type(config).from_dict({**config.to_dict(), "num_hidden_layers": layers})
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        if method is not None:
+        if isinstance(method, dict):  # a model's own layout (_layer_plan): its layers, each with its config
+            parametrize(model, method, target_modules=lambda _, name: any(re.search(k, name) for k in method),
+                        progress=False)
+        elif method is not None:
             parametrize(model, method, progress=False)
     return model
+
+
+def _layer_plan(model: nn.Module) -> tuple[dict, list[str]]:
+    """``{regex: config}`` that parametrizes a model built from the same config as ``model`` is: each
+    decoder layer as its first parametrized one (the traces have one and two decoder layers), other layers
+    by name; and notes where the decoder layers differ."""
+    plan, notes, first_index = {}, [], None
+    per_index: dict[int, dict[str, object]] = {}
+    for name, (_, parametrization) in structured_layers(model).items():
+        found = re.search(r"(?:^|\.)layers\.(\d+)\.(.+)$", name)
+        if found is None:
+            plan[f"^{re.escape(name)}$"] = parametrization.config
+        else:
+            per_index.setdefault(int(found.group(1)), {})[found.group(2)] = parametrization.config
+    if per_index:
+        first_index = min(per_index)
+        for suffix, config in per_index[first_index].items():
+            plan[rf"(?:^|\.)layers\.\d+\.{re.escape(suffix)}$"] = config
+        if any(layers != per_index[first_index] for layers in per_index.values()):
+            notes.append(f"decoder layers are parametrized differently: activations traced as layer {first_index}'s")
+    return plan, notes
 
 
 def _sparse_path(config, device: torch.device, dtype: torch.dtype) -> str:
@@ -258,15 +283,16 @@ def estimate(
         model_or_config = llama_config(model_or_config)
     if isinstance(method, str):
         method = method_config(method, size)
+    plan_notes: list[str] = []
     if isinstance(model_or_config, nn.Module):
         model, config = model_or_config, getattr(model_or_config, "config", None)
         if structured_layers(model):
-            method = next(iter(structured_layers(model).values()))[1].config
+            method, plan_notes = _layer_plan(model)
     else:
         config = model_or_config
         model = _build_shape_model(config, method, dtype)
 
-    breakdown = MemoryBreakdown()
+    breakdown = MemoryBreakdown(notes=plan_notes)
     trainable = [p for p in model.parameters() if p.requires_grad]
     itemsize = dtype.itemsize
     breakdown.parameter_count = sum(p.numel() for p in model.parameters())
