@@ -69,8 +69,9 @@ class LeanOptimizer(torch.optim.Optimizer):
     """A memory-lean wrapper around any ``torch.optim.Optimizer`` class.
 
     Args:
-        params: a model (parameters grouped by role for weight decay), or an iterable of parameters or
-            param-group dicts, as for any optimizer.
+        params: a model (its parameters that require grad now, grouped by role for weight decay: one
+            unfrozen later needs a new optimizer), or an iterable of parameters or param-group dicts, as
+            for any optimizer.
         optimizer_cls: the optimizer class to wrap, e.g. ``torch.optim.AdamW``.
         lr, weight_decay: as for the wrapped optimizer; other keyword arguments pass through to it.
         per_layer: update each parameter inside backward and free its gradient at once.
