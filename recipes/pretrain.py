@@ -119,7 +119,7 @@ def build_model(args, config, settings, device) -> nn.Module:
 
 def build_optimizer(args, model: nn.Module, settings):
     from lsparam.optim import LeanOptimizer
-    from lsparam.optim.lean import param_groups_by_role
+    from lsparam.optim.groups import param_groups_by_role
 
     groups, optimizer_cls = param_groups_by_role(model, args.weight_decay), torch.optim.AdamW
     if args.method == "galore":  # GaLore projects the gradients of the decoder's 2-D linear weights
