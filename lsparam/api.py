@@ -118,6 +118,7 @@ def _check_loads_through(model: nn.Module, layer_names) -> None:
         if not module.__dict__.get("_lsparam_load_check", False):
             module.register_load_state_dict_pre_hook(check_specs_before_loading)
             module.__dict__["_lsparam_load_check"] = True
+    model.__dict__["_lsparam_load_root"] = True  # checks a load that starts above it, too
 
 
 def _relative_error(weight, dense: torch.Tensor) -> float | None:

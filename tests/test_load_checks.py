@@ -166,3 +166,16 @@ def test_a_load_through_a_submodule_is_checked_too(how):
     with pytest.raises(ValueError, match="NaN or inf"):
         layer.load_state_dict({k: v.clone().fill_(float("nan")) if "original" in k else v
                                for k, v in layer.state_dict().items()})
+
+
+def test_a_load_through_a_wrapper_module_is_checked():
+    # DDP, Lightning modules and user wrappers load through a module above the parametrized model
+    model, convert = parametrized_llama()
+    convert(model)
+    wrapper = torch.nn.ModuleDict({"inner": model})
+    good = {k: v.clone() for k, v in wrapper.state_dict().items()}
+    state, _ = corrupt({k.removeprefix("inner."): v for k, v in good.items()}, "nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        wrapper.load_state_dict({f"inner.{k}": v for k, v in state.items()})
+    assert all(torch.equal(v, good[k]) for k, v in wrapper.state_dict().items())
+    wrapper.load_state_dict(good)  # and a good one loads

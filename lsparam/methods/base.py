@@ -186,10 +186,11 @@ def check_specs_before_loading(model: nn.Module, state_dict, prefix: str, *args,
     hooks do not see, so a ``strict=False`` partial load still works.)
 
     ``parametrize`` registers it on the model and on every module between it and a parametrized layer, so
-    a load through a submodule is checked as well; it checks only where the load starts (``prefix`` empty).
+    a load through a submodule is checked as well. Each load is checked once: where it starts (``prefix``
+    empty), or at the model given to ``parametrize`` when the load starts above it (a DDP or user wrapper).
     """
-    if prefix:  # a module above this one started the load, and checked it
-        return
+    if prefix and not model.__dict__.get("_lsparam_load_root", False):
+        return  # the load started at a module above this one, which checked it
     for name, module in model.named_modules():
         if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
             parametrization = module.parametrizations.weight[0]
