@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import math
 import os
 import re
@@ -178,8 +179,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             - ``--per-layer`` with ``--parallel ddp|fsdp`` (the updates would race DDP's allreduce / FSDP's
               reduce-scatter); ``--state-bits 8|4`` with ``--parallel fsdp``; ``--method galore`` with fsdp,
               with ``--state-bits 8|4``, or without the ``galore-torch`` package;
-            - ``--export`` with ``--method lost-silu`` (no dense form), or onto a regular file or a folder
-              holding other files than a previous export;
+            - ``--export`` with ``--method lost-silu`` (no dense form), onto a regular file or a folder
+              holding other files than a previous export, or overlapping ``--out``;
+            - a new run (no ``--resume``) into an ``--out`` that holds another run's checkpoints or metrics;
             - ``--parallel ddp|fsdp`` outside torchrun, or a torchrun launch with ``--parallel none``;
             - ``--resume PATH`` that is not a checkpoint directory; ``--seed`` outside [0, 2**32).
     """
@@ -222,8 +224,6 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise RecipeError(f"--export refused: --method {args.method} has no dense form (a nonlinearity sits between its "
                           f"factors: y = ...σ(x Aᵀ) Bᵀ is not x Wᵀ for any W); use --method lost (linear LOST merges "
                           f"exactly) or drop --export")
-    if args.export:
-        check_export_target(args.export)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RecipeError("--device cuda but torch.cuda.is_available() is False")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -246,6 +246,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     args.hidden_size = config.hidden_size
     method_settings(args, size_of(config))  # a bad knob value fails here, before any data is read
     args.out = args.out or f"runs/{Path(args.model).stem}-{args.method}"
+    if args.export:
+        check_export_target(args.export, None if exporting_a_checkpoint(args) else args.out)
+    if not exporting_a_checkpoint(args):
+        check_fresh_out(args)
     return args
 
 
@@ -306,12 +310,42 @@ def method_settings(args: argparse.Namespace, size: str | None):
         raise RecipeError(f"--method {args.method}: {error}") from None
 
 
-def check_export_target(directory: str) -> None:
+# What an export writes (save_pretrained of the model and its tokenizer): a folder holding only such files
+# is a previous export, which a new one replaces; any other file or folder in it is refused.
+EXPORT_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "chat_template*")
+
+
+def check_export_target(directory: str, out: str | None = None) -> None:
     """Refuse an ``--export`` that could not be written or would overwrite something other than an export,
-    before any training: a regular file, or a directory holding files other than a previous export's."""
+    before any training: a regular file, a directory holding anything but a previous export's files, or one
+    that is the run's ``--out`` or holds it (the export replaces its whole directory; one inside ``--out``,
+    such as ``runs/x/hf``, is fine)."""
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise RecipeError(f"--export {directory!r} is a file; name a directory (created if missing)")
-    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
-        raise RecipeError(f"--export {directory!r} is a directory holding other files than an exported model; "
-                          f"name a new or empty directory, or a previous export to replace")
+    if out is not None:
+        export_at, out_at = target.resolve(), Path(out).resolve()
+        if export_at == out_at or export_at in out_at.parents:
+            raise RecipeError(f"--export {directory!r} is --out {out!r} or holds it, and the export replaces its whole "
+                              f"directory; name another export directory (e.g. {str(Path(out) / 'hf')!r})")
+    if target.is_dir():
+        foreign = [entry.name for entry in target.iterdir()
+                   if not entry.is_file() or not any(fnmatch.fnmatch(entry.name, pattern) for pattern in EXPORT_FILES)]
+        if foreign or (any(target.iterdir()) and not (target / "config.json").is_file()):
+            raise RecipeError(f"--export {directory!r} holds other files than an exported model ({sorted(foreign)[:5]}), "
+                              f"which replacing it would delete; name a new or empty directory, or a previous export")
+
+
+def check_fresh_out(args: argparse.Namespace) -> None:
+    """Refuse a new run (no ``--resume``) into an ``--out`` that holds another run's checkpoints or metrics:
+    its checkpoints would be taken for this run's (kept, exported, pruned) and its metrics overwritten."""
+    if args.resume is not None:
+        return
+    out = Path(args.out)
+    held = sorted(path.name for path in (out / "checkpoints").glob("step_*"))
+    metrics = out / "metrics.jsonl"
+    if held or (metrics.is_file() and metrics.stat().st_size > 0):
+        what = f"checkpoints {held[:3]}{' ...' if len(held) > 3 else ''}" if held else "metrics.jsonl"
+        raise RecipeError(f"--out {args.out!r} already holds a run ({what}); continue it with --resume auto, "
+                          f"delete it, or choose another --out")

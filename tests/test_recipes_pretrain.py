@@ -97,6 +97,37 @@ def test_export_is_refused_for_lost_silu(corpus, tmp_path, capsys, restore_torch
     assert not (tmp_path / "x").exists()
 
 
+def refused(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_new_run_into_an_out_holding_a_run_is_refused(corpus, tmp_path, capsys, restore_torch_globals):
+    # its checkpoints would be taken for the new run's (kept, exported, pruned) and its metrics overwritten
+    out = tmp_path / "run"
+    pretrain.main(common(corpus, out, "--method", "lost", "--steps", "2", "--eval-batches", "1"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    err = refused(common(corpus, out, "--method", "sltrain", "--steps", "2", "--export", str(tmp_path / "hf")), capsys)
+    assert "--out" in err and "already holds a run (checkpoints ['step_00000002'])" in err and "--resume auto" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before and not (tmp_path / "hf").exists()
+
+
+def test_an_export_over_other_files_or_over_the_run_is_refused(corpus, tmp_path, capsys, restore_torch_globals):
+    foreign = tmp_path / "folder"
+    (foreign / "data").mkdir(parents=True)
+    (foreign / "config.json").write_text("{}")  # a config.json alone does not make a folder an export
+    (foreign / "notes.txt").write_text("mine")
+    err = refused(common(corpus, tmp_path / "a", "--method", "lost", "--export", str(foreign)), capsys)
+    assert "holds other files than an exported model (['data', 'notes.txt'])" in err
+    for export in (tmp_path / "b", tmp_path):  # --out itself, a folder holding it
+        err = refused(common(corpus, tmp_path / "b", "--method", "lost", "--export", str(export)), capsys)
+        assert "is --out" in err and "or holds it" in err
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json", "data", "notes.txt"]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_c4_fails_fast_offline(corpus, tmp_path):
     started = time.perf_counter()
     result = run_script(["--dataset", "c4", "--steps", "1", "--out", str(tmp_path / "c4"), "--cache-dir",
