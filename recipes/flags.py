@@ -300,14 +300,31 @@ def method_settings(args: argparse.Namespace, size: str | None):
     if args.method == "full":
         return None
     if args.method == "galore":  # GaLore's paper ranks equal SLTrain's; hidden/4 for the CPU sizes
-        settings = {"rank": method_config("lowrank", size).rank, "scale": 0.25, "update_proj_gap": 200, "proj_type": "std"}
-        if isinstance(settings["rank"], float):
-            settings["rank"] = max(1, int(settings["rank"] * args.hidden_size))
-        return {**settings, **overrides}
+        settings = {"rank": method_config("lowrank", size).rank, "scale": 0.25, "update_proj_gap": 200, "proj_type": "std",
+                    **overrides}
+        return _checked_galore(settings, args.hidden_size)
     try:
         return dataclasses.replace(method_config(args.method, size), **overrides)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"--method {args.method}: {error}") from None
+
+
+def _checked_galore(settings: dict, hidden_size: int) -> dict:
+    """GaLore's settings with a fractional rank made absolute; each refused outside what GaLore can use
+    (its projector slices by the rank and multiplies its update by the scale, without checking either)."""
+    rank = settings["rank"]
+    if isinstance(rank, float):
+        if not 0 < rank < 1:
+            raise RecipeError(f"--rank {rank}: a fractional rank lies in (0, 1)")
+        rank = settings["rank"] = max(1, int(rank * hidden_size))
+    if not 1 <= rank <= hidden_size:
+        raise RecipeError(f"--rank {rank} for --method galore must lie in [1, {hidden_size}] (the hidden size), or be a "
+                          f"fraction in (0, 1)")
+    if not (math.isfinite(settings["scale"]) and settings["scale"] > 0):
+        raise RecipeError(f"--galore-scale must be a positive number (GaLore's default 0.25); got {settings['scale']}")
+    if settings["update_proj_gap"] < 1:
+        raise RecipeError(f"--update-proj-gap must be >= 1 (steps between projection updates); got {settings['update_proj_gap']}")
+    return settings
 
 
 # What an export writes (save_pretrained of the model and its tokenizer): a folder holding only such files

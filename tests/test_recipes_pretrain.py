@@ -244,6 +244,28 @@ def test_training_defaults_are_the_methods_published_ones_unless_set(method, siz
         assert all(getattr(args, k) == v for k, v in training_defaults(method, size).items())
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--rank", "0"], r"--rank 0 for --method galore must lie in \[1, 128\]"),
+    (["--rank", "-3"], r"--rank -3 for --method galore must lie in \[1, 128\]"),
+    (["--rank", "100000"], r"--rank 100000 for --method galore must lie in \[1, 128\]"),
+    (["--galore-scale", "-1"], r"--galore-scale must be a positive number .*got -1\.0"),
+    (["--galore-scale", "nan"], r"--galore-scale must be a positive number .*got nan"),
+    (["--update-proj-gap", "0"], r"--update-proj-gap must be >= 1 .*got 0"),
+], ids=["rank-0", "rank-negative", "rank-too-large", "scale-negative", "scale-nan", "gap-0"])
+def test_galore_settings_outside_what_galore_can_use_are_refused(flags, message):
+    pytest.importorskip("galore_torch")
+    from recipes.flags import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        check_args(build_parser().parse_args(["--method", "galore", "--model", "llama_9m", *flags]))
+
+
+def test_a_fractional_galore_rank_is_a_fraction_of_the_hidden_size():
+    pytest.importorskip("galore_torch")
+    args = check_args(build_parser().parse_args(["--method", "galore", "--model", "llama_9m", "--rank", "0.25"]))
+    assert method_settings(args, "llama_9m")["rank"] == 0.25 * args.hidden_size == 32
+
+
 def test_choices_come_from_the_library():
     from lsparam.config import SPARSE_BACKENDS
     from lsparam.presets import METHODS
