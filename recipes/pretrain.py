@@ -337,7 +337,10 @@ def train(run: Run) -> dict:
                 raise FloatingPointError(checkpoint.non_finite_message(run, f"the loss is {loss_sum.item()}", run.step + 1))
             optimizer.step()
             optimizer.zero_grad()
-        lr = optimizer.param_groups[0]["lr"]
+        # the rate this step used: --lr on the schedule (the embeddings' and head's; the decoder's linear
+        # layers run at --linear-lr-scale times it), read as a number before the scheduler moves it (a
+        # low-bit optimizer's rate is a tensor that scheduler.step() updates in place)
+        lr = args.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
         scheduler.step()
         run.step += 1
         tokens_here += run.tokens_per_step

@@ -8,6 +8,7 @@ survives a kill, a full disk, a damaged file or a diverging run is in tests/test
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -126,6 +127,22 @@ def test_an_export_over_other_files_or_over_the_run_is_refused(corpus, tmp_path,
         assert "is --out" in err and "or holds it" in err
     assert sorted(p.name for p in foreign.iterdir()) == ["config.json", "data", "notes.txt"]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_logged_lr_is_the_rate_each_step_used(corpus, tmp_path, restore_torch_globals):
+    # --lr on the schedule (warmup over 25% of 4 steps = 1, then cosine to 0.1), whatever the optimizer's
+    # state bits and the decoder's rate split; step t is run at the schedule's value for t - 1
+    def schedule(step, steps=4, warmup=1, floor=0.1):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+
+    expected = [2e-3 * schedule(t) for t in range(4)]
+    for name, extra in (("b32", []), ("b8", ["--state-bits", "8"]), ("split", ["--linear-lr-scale", "0.25"])):
+        pretrain.main(common(corpus, tmp_path / name, "--method", "lost", "--steps", "4", "--lr", "2e-3", "--warmup",
+                             "0.25", "--min-lr-ratio", "0.1", "--eval-batches", "1", *extra))
+        logged = [r["lr"] for r in read_metrics(tmp_path / name)[0]]
+        assert logged == pytest.approx(expected, rel=1e-9), name
 
 
 def test_c4_fails_fast_offline(corpus, tmp_path):
