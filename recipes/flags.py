@@ -46,10 +46,12 @@ KNOBS = {  # flag dest -> (config field, methods that have it)
 }
 # A checkpoint resumes only under the settings it was made with (the schedule, eval and save may change).
 MUST_MATCH = ("model", "linear_init_std", "method", *KNOBS, "precision", "batch_size", "seq_len", "accumulation_steps", "per_layer",
-              "state_bits", "dataset", "data_files", "valid_files", "tokenizer", "vocab_size", "seed", "parallel")
-# Flags a resumed run may change: they take effect from the resumed step (recipes.checkpoint).
+              "state_bits", "dataset", "data_files", "valid_files", "tokenizer", "vocab_size", "valid_tokens", "seed",
+              "parallel")
+# Flags a resumed run may change: they take effect from the resumed step (recipes.checkpoint), and the
+# change is printed and logged (threads and nondeterministic kernels end a bit-for-bit resume).
 MAY_CHANGE = ("lr", "linear_lr_scale", "weight_decay", "clip_norm", "warmup", "min_lr_ratio", "eval_every", "eval_batches",
-              "save_every", "keep", "lean_head", "compile")
+              "save_every", "keep", "lean_head", "compile", "threads", "no_deterministic")
 DEFAULT_STEPS = 300  # the offline CPU run when neither --steps nor --tokens is given
 DESCRIPTION = "Pretrain a LLaMA with low-rank plus sparse weights (SLTrain, LOST), low-rank activations (CoLA), or a baseline."
 

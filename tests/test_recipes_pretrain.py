@@ -341,6 +341,16 @@ def test_resume_refuses_other_settings_and_other_process_counts(corpus, tmp_path
         pretrain.main(common(corpus, out, "--method", "lowrank", "--steps", "2", "--seed", "1", "--resume", "auto"))
     assert exit_info.value.code == 2
     assert "was made with other settings (seed: checkpoint 0, now 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # another validation set: its losses would not compare with the earlier ones
+        pretrain.main(common(corpus, out, "--method", "lowrank", "--steps", "2", "--valid-tokens", "256", "--resume", "auto"))
+    assert "was made with other settings (valid_tokens: checkpoint 512, now 256)" in capsys.readouterr().err
+    # threads and nondeterministic kernels may change (recorded: they end a bit-for-bit resume)
+    twin = tmp_path / "twin"
+    shutil.copytree(out, twin)
+    pretrain.main(common(corpus, twin, "--method", "lowrank", "--steps", "2", "--eval-batches", "1", "--resume", "auto",
+                         "--threads", "2", "--no-deterministic"))
+    records = [json.loads(line) for line in (twin / "metrics.jsonl").read_text().splitlines()]
+    assert {"type": "resume", "step": 1, "changed": {"threads": [1, 2], "no_deterministic": [False, True]}} in records
     (out / "checkpoints" / "step_00000001" / "state_rank0.pt").rename(out / "checkpoints" / "step_00000001" / "state_rank1.pt")
     with pytest.raises(SystemExit):
         pretrain.main(common(corpus, out, "--method", "lowrank", "--steps", "2", "--resume", "auto"))
