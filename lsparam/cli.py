@@ -48,7 +48,7 @@ def _memory_command(args) -> int:
                 rows.append((method, bits, per_layer, breakdown, chosen))
     if args.json:
         print(json.dumps([
-            {"method": m, "state_bits": b, "per_layer": p, **d.as_dict()} for m, b, p, d, _ in rows
+            {"method": m, "state_bits": b, "per_layer": p, "chosen": c, **d.as_dict()} for m, b, p, d, c in rows
         ], indent=1, default=str))
         return 0
     gib = 2**30
@@ -67,7 +67,7 @@ def _memory_command(args) -> int:
 
 def _model_config(model: str):
     """``(config, size name or None)`` for ``--model``: a LLaMA size, or the path of a config.json."""
-    from lsparam.presets import LLAMA_SIZES, llama_config
+    from lsparam.presets import LLAMA_SIZES, llama_config, size_of
 
     if model in LLAMA_SIZES:
         return llama_config(model), model
@@ -85,7 +85,7 @@ def _model_config(model: str):
     if config.model_type != "llama":
         raise CommandError(f"--model {model!r} is a {config.model_type!r} config; the memory table models LLaMA "
                            f"configs (model_type 'llama')")
-    return config, None
+    return config, size_of(config)  # a known size's shape takes that size's paper settings, as the recipe does
 
 
 class CommandError(Exception):
