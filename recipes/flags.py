@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from lsparam.config import LOST_SPARSE_INITS, SPARSE_BACKENDS
-from lsparam.presets import default_lr, size_of, training_defaults
 from lsparam.presets import METHODS as LIBRARY_METHODS
+from lsparam.presets import default_lr, size_of, training_defaults
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 METHODS = (*LIBRARY_METHODS, "galore")  # lsparam's methods, and GaLore's optimizer-side projection
@@ -185,7 +185,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
               holding other files than a previous export, or overlapping ``--out``;
             - a new run (no ``--resume``) into an ``--out`` that holds another run's checkpoints or metrics;
             - ``--parallel ddp|fsdp`` outside torchrun, or a torchrun launch with ``--parallel none``;
-            - ``--resume PATH`` that is not a checkpoint directory; ``--seed`` outside [0, 2**32).
+            - ``--resume PATH`` that is not a checkpoint directory; ``--seed`` outside [0, 2**32);
+            - a ``--model`` config that ties its embeddings; ``--sparse-backend semi-structured`` off CUDA.
     """
     args.config_path = str(find_config(args.model))
     if args.tokens is not None and args.steps is not None:
@@ -245,6 +246,11 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         config = LlamaConfig.from_json_file(args.config_path)
     except (OSError, ValueError) as error:
         raise RecipeError(f"--model {args.model!r}: not a LlamaConfig JSON ({error})") from None
+    if config.tie_word_embeddings:  # safetensors refuses the shared tensor at the first checkpoint
+        raise RecipeError(f"--model {args.model!r} ties its input and output embeddings (tie_word_embeddings), which "
+                          f"the recipe's checkpoints cannot store; use a config with \"tie_word_embeddings\": false")
+    if getattr(args, "sparse_backend", None) == "semi-structured" and args.device != "cuda":
+        raise RecipeError(f"--sparse-backend semi-structured needs a CUDA GPU (2:4 kernels); got --device {args.device}")
     args.hidden_size = config.hidden_size
     method_settings(args, size_of(config))  # a bad knob value fails here, before any data is read
     args.out = args.out or f"runs/{Path(args.model).stem}-{args.method}"

@@ -12,6 +12,7 @@ import math
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,18 @@ def test_the_logged_lr_is_the_rate_each_step_used(corpus, tmp_path, restore_torc
                              "0.25", "--min-lr-ratio", "0.1", "--eval-batches", "1", *extra))
         logged = [r["lr"] for r in read_metrics(tmp_path / name)[0]]
         assert logged == pytest.approx(expected, rel=1e-9), name
+
+
+def test_settings_that_would_fail_after_training_are_refused_before(corpus, tmp_path, capsys, restore_torch_globals):
+    tied = tmp_path / "tied.json"
+    tied.write_text(json.dumps({**json.loads(Path(corpus["config"]).read_text()), "tie_word_embeddings": True}))
+    args = common(corpus, tmp_path / "a", "--method", "lost", "--steps", "1")
+    err = refused([*args, "--model", str(tied)], capsys)
+    assert "ties its input and output embeddings" in err
+    err = refused(common(corpus, tmp_path / "b", "--method", "sltrain", "--sparse-backend", "semi-structured",
+                         "--density", "0.5", "--device", "cpu"), capsys)
+    assert "--sparse-backend semi-structured needs a CUDA GPU" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_c4_fails_fast_offline(corpus, tmp_path):
@@ -295,8 +308,9 @@ def test_choices_come_from_the_library():
 @pytest.mark.parametrize("backend", ["gather", "auto"])
 def test_sparse_backend_gather_is_accepted_and_reaches_the_layers(backend):
     """``--sparse-backend gather`` (what ``auto`` picks on CPU, and documented) used to be refused by argparse."""
-    import lsparam
     from transformers import LlamaConfig
+
+    import lsparam
 
     args = check_args(build_parser().parse_args(["--method", "sltrain", "--sparse-backend", backend, "--rank", "8",
                                                  "--device", "cpu"]))
@@ -311,8 +325,9 @@ def test_sparse_backend_gather_is_accepted_and_reaches_the_layers(backend):
 
 @pytest.mark.parametrize("method, tied", [("full", False), ("lost", True), ("sltrain", False)])
 def test_parameters_by_kind_follows_roles_and_module_types(method, tied):
-    import lsparam
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lsparam
 
     config = LlamaConfig(**{**TINY, "vocab_size": 50, "tie_word_embeddings": tied})
     model = LlamaForCausalLM(config)
