@@ -285,7 +285,7 @@ def test_export_onto_a_file_or_a_foreign_folder_is_refused_before_training(corpu
     (tmp_path / "a-file").write_text("mine")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    for target, message in (("a-file", "is a file"), ("notes", "holding other files")):
+    for target, message in (("a-file", "is a file"), ("notes", "holds other files than an exported model")):
         with pytest.raises(SystemExit) as exit_info:
             pretrain.main(common(corpus, tmp_path / "out", "--method", "lost", "--steps", "1",
                                  "--export", str(tmp_path / target)))
