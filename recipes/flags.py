@@ -182,7 +182,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
               reduce-scatter); ``--state-bits 8|4`` with ``--parallel fsdp``; ``--method galore`` with fsdp,
               with ``--state-bits 8|4``, or without the ``galore-torch`` package;
             - ``--export`` with ``--method lost-silu`` (no dense form), onto a regular file or a folder
-              holding other files than a previous export, or overlapping ``--out``;
+              holding other files than a previous export, or that is ``--out`` or holds it;
             - a new run (no ``--resume``) into an ``--out`` that holds another run's checkpoints or metrics;
             - ``--parallel ddp|fsdp`` outside torchrun, or a torchrun launch with ``--parallel none``;
             - ``--resume PATH`` that is not a checkpoint directory; ``--seed`` outside [0, 2**32);

@@ -268,10 +268,9 @@ class LeanOptimizer(torch.optim.Optimizer):
         if self._micro_steps[None] % self.accumulation_steps == 0:
             for t in self._targets:
                 t.grad = None if set_to_none else (t.grad.zero_() if t.grad is not None else None)
-            if set_to_none:  # a proxied parameter's gradient is a view of its proxy's
+            if set_to_none:  # proxied parameters and blocks view their target's gradient: they let it go with it
                 for param, _ in self._proxies.values():
                     param.grad = None
-            if set_to_none:  # blocks view their target's gradient: they let it go with it
                 for pieces in self._pieces:
                     if len(pieces) > 1:
                         for piece in pieces:
