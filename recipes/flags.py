@@ -53,6 +53,7 @@ MUST_MATCH = ("model", "linear_init_std", "method", *KNOBS, "precision", "batch_
 MAY_CHANGE = ("lr", "linear_lr_scale", "weight_decay", "clip_norm", "warmup", "min_lr_ratio", "eval_every", "eval_batches",
               "save_every", "keep", "lean_head", "compile", "threads", "no_deterministic")
 DEFAULT_STEPS = 300  # the offline CPU run when neither --steps nor --tokens is given
+DEFAULT_VOCAB = 8192  # a tokenizer trained on the data (recipes.data)
 DESCRIPTION = "Pretrain a LLaMA with low-rank plus sparse weights (SLTrain, LOST), low-rank activations (CoLA), or a baseline."
 
 
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data-files", help="local training text files (glob)")
     a.add_argument("--valid-files", help="local validation text files (glob)")
     a.add_argument("--tokenizer", help="tokenizer name or path (default: one trained on the training data)")
-    a.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of a trained tokenizer (default: %(default)s)")
+    a.add_argument("--vocab-size", type=int, help=f"vocabulary of a tokenizer trained on the data (default: {DEFAULT_VOCAB}; "
+                   "not with --tokenizer, whose vocabulary it is)")
     a.add_argument("--valid-tokens", type=parse_size, default=65536, help="validation tokens (default: %(default)s)")
     a.add_argument("--cache-dir", default="runs/cache", help="tokenizer and token cache (default: %(default)s)")
     a = p.add_argument_group("run")
@@ -193,6 +195,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise RecipeError(f"give --tokens or --steps, not both (got --tokens {args.tokens} --steps {args.steps})")
     if args.tokens is not None and args.tokens < 1:
         raise RecipeError(f"--tokens must be positive; got {args.tokens}")
+    if args.tokenizer and args.vocab_size is not None:
+        raise RecipeError(f"--vocab-size {args.vocab_size} sizes a tokenizer trained on the data; with --tokenizer "
+                          f"{args.tokenizer!r} the vocabulary is that tokenizer's: drop one of them")
+    args.vocab_size = DEFAULT_VOCAB if args.vocab_size is None else args.vocab_size
     positive = ("batch_size", "seq_len", "accumulation_steps", "keep", "vocab_size", "valid_tokens")
     for name in positive + (("threads",) if args.threads is not None else ()) + (("eval_batches",) if args.eval_batches is not None else ()):
         if getattr(args, name) < 1:

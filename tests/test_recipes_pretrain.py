@@ -155,6 +155,8 @@ def test_settings_that_would_fail_after_training_are_refused_before(corpus, tmp_
     err = refused(common(corpus, tmp_path / "b", "--method", "sltrain", "--sparse-backend", "semi-structured",
                          "--density", "0.5", "--device", "cpu"), capsys)
     assert "--sparse-backend semi-structured needs a CUDA GPU" in err
+    err = refused([*args, "--tokenizer", str(tmp_path / "tok"), "--vocab-size", "4096"], capsys)  # would be ignored
+    assert "--vocab-size 4096 sizes a tokenizer trained on the data; with --tokenizer" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
