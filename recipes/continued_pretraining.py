@@ -145,8 +145,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--method", choices=("dense", "lowrank", "sltrain", "lost"), default="lost",
                         help="structure of the encoder's linear weights; 'dense' leaves them as they are, the "
                         "baseline (default: %(default)s)")
-    parser.add_argument("--rank", type=parse_rank, default=0.25,
-                        help="fraction of min(in, out) in (0, 1), or an int rank >= 1 (default: %(default)s)")
+    parser.add_argument("--rank", type=parse_rank,
+                        help="fraction of min(in, out) in (0, 1), or an int rank >= 1 (default: 0.25; not with --method dense)")
     parser.add_argument("--steps", type=int, default=20, help="AdamW steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: %(default)s)")
@@ -158,6 +158,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int,
                         help="CPU threads (default: torch's; on a machine busy with other work, 1 is often faster)")
     args = parser.parse_args(argv)
+    if args.method == "dense" and args.rank is not None:
+        parser.error(f"--rank {args.rank:g} applies to a structured --method; --method dense keeps the weights as they are")
+    args.rank = 0.25 if args.rank is None else args.rank
     if min(args.steps, args.batch_size, args.eval_batches, args.threads or 1) < 1 or not 8 <= args.seq_len <= 512:
         parser.error("--steps, --batch-size, --eval-batches, --threads must be >= 1 and --seq-len in [8, 512]")
     try:

@@ -363,6 +363,16 @@ def test_mlm_continued_training_then_vanilla_reload(method, encoder, mlm_batches
         assert reloaded.config.architectures == ["BertForMaskedLM"]
 
 
+def test_the_continued_pretraining_recipe_refuses_a_rank_for_the_dense_baseline(tmp_path, capsys):
+    from recipes import continued_pretraining as recipe
+
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(["--method", "dense", "--rank", "0.5", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "--rank 0.5 applies to a structured --method" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_the_continued_pretraining_recipe_runs_end_to_end(tmp_path, capsys):
     """``recipes/continued_pretraining.py``, shortened: the path a user follows, checked on its own figures."""
     from recipes import continued_pretraining as recipe  # imported here: it sets HF_HUB_OFFLINE when imported
