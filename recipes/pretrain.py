@@ -274,6 +274,10 @@ def evaluate(run: Run) -> float:
     model = run.model if run.args.parallel == "fsdp" else run.raw
     if run.valid is None:
         run.valid = run.data.valid_batches(run.args.eval_batches)
+        asked = run.args.eval_batches
+        if asked is not None and asked > len(run.valid) and run.rank == 0:
+            print(f"note: --eval-batches {asked}, but --valid-tokens {run.args.valid_tokens:,} make "
+                  f"{len(run.valid)} batches: evaluating on those", file=sys.stderr)
     count = torch.tensor(len(run.valid), device=run.device)  # on the device: NCCL reduces CUDA tensors only
     if run.world > 1:
         dist.all_reduce(count, op=dist.ReduceOp.MIN)

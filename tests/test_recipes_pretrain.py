@@ -160,6 +160,11 @@ def test_settings_that_would_fail_after_training_are_refused_before(corpus, tmp_
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_more_eval_batches_than_the_validation_set_holds_are_noted(corpus, tmp_path, capsys, restore_torch_globals):
+    pretrain.main(common(corpus, tmp_path / "run", "--method", "lost", "--steps", "1", "--eval-batches", "1000"))
+    assert "note: --eval-batches 1000, but --valid-tokens 512 make 4 batches: evaluating on those" in capsys.readouterr().err
+
+
 def test_c4_fails_fast_offline(corpus, tmp_path):
     started = time.perf_counter()
     result = run_script(["--dataset", "c4", "--steps", "1", "--out", str(tmp_path / "c4"), "--cache-dir",
