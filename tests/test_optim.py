@@ -534,3 +534,54 @@ def test_blocks_hold_their_rows_of_the_gradient_as_soon_as_backward_made_it(monk
             if p.grad is not None:
                 p.grad.mul_(0.5)
     torch.testing.assert_close(weight.grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("case", ["padded values", "row blocks"])
+def test_a_layer_reassigned_after_the_optimizer_was_built_trains_as_one_built_after(case, per_layer, monkeypatch):
+    # layer.weight = W replaces each factor's storage (torch's set_): the padded proxies and row blocks that
+    # low-bit states update must follow, or those factors silently stop training
+    import lsparam.optim.lean as lean
+
+    if case == "row blocks":
+        monkeypatch.setattr(lean, "STEP_BLOCK_ELEMENTS", 4096)  # B (256 x 32) is then updated in blocks of rows
+    config = lsparam.SLTrainConfig(rank=32, density=0.2, init="dense")
+    new_weight = torch.randn(256, 128, generator=torch.Generator().manual_seed(5)) * 0.05
+
+    def run(assign_after_building):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 256))
+        if not assign_after_building:
+            with torch.no_grad():
+                model[0].weight.copy_(new_weight)
+        lsparam.parametrize(model, config)
+        optimizer = LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, state_bits=8, per_layer=per_layer)
+        if assign_after_building:
+            model[0].weight = new_weight
+        if case == "padded values":
+            assert id(model[0].parametrizations.weight.original2) in optimizer._proxies
+        else:
+            assert any(len(pieces) > 1 for pieces in optimizer._pieces)
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            model(torch.randn(16, 128, generator=generator)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_moving_the_model_after_building_a_low_bit_optimizer_is_refused_before_any_update():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(100, 90, bias=False))
+    lsparam.parametrize(model, lsparam.SLTrainConfig(rank=4, density=0.5))
+    optimizer = LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, state_bits=8)
+    model.to(torch.float64)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"now torch.float64 on cpu, but .* torch.float32 on cpu; build the "
+                                           r"LeanOptimizer after moving the model"):
+        model(torch.randn(3, 100, dtype=torch.float64)).sum().backward()  # the padded gradient, or else step()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

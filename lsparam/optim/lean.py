@@ -102,6 +102,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         self.clip_norm = clip_norm
         inner_cls = optimizer_cls if state_bits == 32 else lowbit_optimizer_class(optimizer_cls, state_bits)
         self._params = [p for group in self.param_groups for p in group["params"]]
+        self._position = {id(p): i for i, p in enumerate(self._params)}
         self._names = [names.get(id(p), f"parameter {i}") for i, p in enumerate(self._params)]  # for messages
         self._micro_steps = defaultdict(int)  # per parameter (per_layer) or one counter (key None)
         self._proxies = {}  # id(parameter) -> (parameter, the padded flat Parameter the inner optimizer updates)
@@ -197,6 +198,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         """
         if id(param) not in self._proxies:
             return
+        self._refuse_moved(self._position[id(param)])
         proxy, grad = self._proxies[id(param)][1], param.grad
         if grad is None:
             proxy.grad = None
@@ -207,6 +209,35 @@ class LeanOptimizer(torch.optim.Optimizer):
         padded[: param.numel()].copy_(grad.reshape(-1))
         proxy.grad = padded
         param.grad = padded[: param.numel()].view(param.shape)
+
+    def _follow_replaced(self, indices) -> None:
+        """Point a padded proxy, or a parameter's row blocks, at the parameter's storage again where it was
+        replaced since construction (``layer.weight = W`` re-factorises the layer with ``set_``): the
+        updates would otherwise go to the old buffer. A parameter of another dtype or device (``model.to``
+        after the optimizer was built) is refused, before any update."""
+        for index in indices:
+            param, target, pieces = self._params[index], self._targets[index], self._pieces[index]
+            self._refuse_moved(index)
+            with torch.no_grad():
+                if target is not param and param.data_ptr() != target.data_ptr():
+                    target[: param.numel()].copy_(param.reshape(-1))
+                    target[param.numel():].zero_()
+                    param.data = target.data[: param.numel()].view(param.shape)
+                if len(pieces) > 1 and pieces[0].data_ptr() != target.data_ptr():
+                    start = 0
+                    for piece in pieces:
+                        piece.data = target.detach()[start:start + piece.shape[0]]
+                        start += piece.shape[0]
+
+    def _refuse_moved(self, index: int) -> None:
+        """A padded or blocked parameter must keep the dtype and device its buffers were laid out in."""
+        param, laid_out = self._params[index], self._pieces[index][0]
+        if laid_out is not param and (param.dtype, param.device) != (laid_out.dtype, laid_out.device):
+            raise RuntimeError(
+                f"LeanOptimizer: {self._names[index]} is now {param.dtype} on {param.device}, but the optimizer's "
+                f"low-bit state was laid out for {laid_out.dtype} on {laid_out.device}; build the LeanOptimizer "
+                f"after moving the model (model.to(...)). Nothing was updated."
+            )
 
     # ---- the update ------------------------------------------------------------------------------
     def _boundary(self, key) -> bool:
@@ -224,6 +255,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         def hook(param):
             if not self._boundary(index):
                 return
+            self._follow_replaced([index])
             self._alias_gradient(param)
             target = self._targets[index]
             self._scale_accumulated([target])
@@ -249,6 +281,7 @@ class LeanOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.per_layer or not self._boundary(None):
             return loss
+        self._follow_replaced(range(len(self._params)))
         for param, _ in self._proxies.values():  # a gradient set or cleared by hand, without a backward
             self._alias_gradient(param)
         with_grad = [t for t in self._targets if t.grad is not None]
