@@ -585,3 +585,19 @@ def test_moving_the_model_after_building_a_low_bit_optimizer_is_refused_before_a
         model(torch.randn(3, 100, dtype=torch.float64)).sum().backward()  # the padded gradient, or else step()
         optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_deep_copy_is_refused_and_the_documented_copy_continues_identically():
+    import copy
+
+    data = batches(4)
+    model = small_model()
+    optimizer = LeanOptimizer(model, torch.optim.AdamW, lr=1e-2, state_bits=32)
+    train(model, optimizer, data[:2])
+    with pytest.raises(TypeError, match=r"cannot be deep-copied.*copy\.deepcopy\(optimizer\.state_dict\(\)\)"):
+        copy.deepcopy((model, optimizer))
+    twin = copy.deepcopy(model)
+    twin_optimizer = LeanOptimizer(twin, torch.optim.AdamW, lr=1e-2, state_bits=32)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for a, b in zip(train(model, optimizer, data[2:]), train(twin, twin_optimizer, data[2:])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

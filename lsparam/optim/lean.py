@@ -309,6 +309,14 @@ class LeanOptimizer(torch.optim.Optimizer):
                         for piece in pieces:
                             piece.grad = None
 
+    def __deepcopy__(self, memo):
+        # torch.optim.Optimizer's pickling keeps only defaults, state and param_groups: a copy would lack the
+        # inner optimizers, proxies and hooks, and fail at its first step
+        raise TypeError("a LeanOptimizer cannot be deep-copied (its inner optimizers, padded proxies and per-layer "
+                        "hooks belong to the original parameters): copy the model, build a new LeanOptimizer over "
+                        "the copy and load copy.deepcopy(optimizer.state_dict()) into it (a state_dict's tensors are "
+                        "the optimizer's own)")
+
     def add_param_group(self, param_group: dict) -> None:
         """Refused once built: the inner optimizers, padded proxies and per-layer hooks are made for the
         parameters given at construction, and a group added to ``param_groups`` would never be updated."""
