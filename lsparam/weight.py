@@ -161,7 +161,8 @@ def _lost_write(func, weight: StructuredWeight) -> RuntimeError:
         fix = "Set it on the factors instead: layer.parametrizations.weight.requires_grad_(False) freezes the layer."
     else:
         fix = (f"Assign a new dense weight instead (`layer.weight = W` factorises W as parametrize did, for the "
-               f"methods whose init reads the weight), or change the factors ({factors}).")
+               f"methods whose init reads the weight), or change the factors ({factors}). A tool merging into the "
+               f"weight (PEFT's merge_and_unload) needs lsparam.merge(model) first.")
     return RuntimeError(
         f"{name} on the weight of {where} would be lost: a parametrized layer's weight is computed from its "
         f"factors on each access, not stored. {fix}"
