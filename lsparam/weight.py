@@ -146,16 +146,16 @@ _DATA_GET, _DATA_SET = torch.Tensor.data.__get__, torch.Tensor.data.__set__
 
 
 def _writes_to_self(func) -> bool:
-    """In-place ops (``mul_``, ``copy_``, ``torch.nn.init.normal_``, ``+=``) and ``.data =``."""
+    """In-place ops (``mul_``, ``copy_``, ``torch.nn.init.normal_``, ``+=``), ``w[i] = v`` and ``.data =``."""
     name = getattr(func, "__name__", "")
-    return func == _DATA_SET or (name.endswith("_") and not name.startswith("__"))
+    return func in (_DATA_SET, torch.Tensor.__setitem__) or (name.endswith("_") and not name.startswith("__"))
 
 
 def _lost_write(func, weight: StructuredWeight) -> RuntimeError:
     """Writing into a structured weight would write into a dense copy of it, computed and then dropped."""
     p = weight.parametrization
     where = f"layer {p.layer_name!r}" if p.layer_name else "a parametrized layer"
-    name = "`.data =`" if func == _DATA_SET else f"in-place {getattr(func, '__name__', func)}"
+    name = {_DATA_SET: "`.data =`", torch.Tensor.__setitem__: "`weight[...] =`"}.get(func) or f"in-place {func.__name__}"
     factors = f"layer.parametrizations.weight.original0, ... = {list(p.factor_names)}"
     if getattr(func, "__name__", "") == "requires_grad_":
         fix = "Set it on the factors instead: layer.parametrizations.weight.requires_grad_(False) freezes the layer."

@@ -31,10 +31,11 @@ WRITES = {
     "nn.init.kaiming_uniform_": lambda w: torch.nn.init.kaiming_uniform_(w),
     ".data.normal_()": lambda w: w.data.normal_(),
     ".data =": lambda w: setattr(w, "data", torch.zeros(OUT, IN)),
+    "[0] =": lambda w: w.__setitem__(0, 1.0),
     "requires_grad_": lambda w: w.requires_grad_(False),
 }
 OP_NAMES = {"+=": "add_", "nn.init.normal_": "normal_", "nn.init.zeros_": "zero_", ".data.normal_()": "normal_",
-            ".data =": "`.data =`", "nn.init.kaiming_uniform_": "kaiming_uniform_"}
+            ".data =": "`.data =`", "nn.init.kaiming_uniform_": "kaiming_uniform_", "[0] =": r"`weight\[\.\.\.\] =`"}
 
 
 @pytest.mark.parametrize("write", list(WRITES))
