@@ -311,7 +311,8 @@ def load_parametrized(save_directory, model_cls=None, *, dtype: torch.dtype | st
     for group in _groups(specs):
         names = group["target_modules"]
         config_obj = _config_from_dict(names[0], group["method"], group["config"])
-        parametrize(model, config_obj, target_modules=names, progress=False)
+        for root, relative in _by_parametrize_root(names, specs).items():
+            parametrize(model.get_submodule(root) if root else model, config_obj, target_modules=relative, progress=False)
 
     result = model.load_state_dict(state_dict, strict=False)
     tied = _tied_names(model)
@@ -325,6 +326,23 @@ def load_parametrized(save_directory, model_cls=None, *, dtype: torch.dtype | st
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _by_parametrize_root(names: list[str], specs: dict[str, dict]) -> dict[str, list[str]]:
+    """The layers by the module ``parametrize`` was called on, with their names from there: SLTrain's
+    random support is drawn from the layer's name as that call saw it (its spec's ``support_name``), so
+    ``parametrize(model.model, ...)`` must be redone on ``model.model``.
+
+    >>> _by_parametrize_root(["model.layers.0.q", "lm_head"], {"model.layers.0.q": {"support_name": "layers.0.q"},
+    ...                                                        "lm_head": {}})
+    {'model': ['layers.0.q'], '': ['lm_head']}
+    """
+    roots: dict[str, list[str]] = {}
+    for name in names:
+        seen_as = specs[name].get("support_name", name)
+        root = name[: -len(seen_as) - 1] if seen_as and seen_as != name and name.endswith("." + seen_as) else ""
+        roots.setdefault(root, []).append(seen_as if root else name)
+    return roots
 
 
 def _config_dtype(config) -> torch.dtype | None:

@@ -305,6 +305,17 @@ def test_load_parametrized_rebuilds_mixed_configs_and_casts(tmp_path):
     assert half.model.layers[0].mlp.up_proj.parametrizations.weight.original0.dtype == torch.bfloat16
 
 
+def test_load_parametrized_rebuilds_a_model_parametrized_from_a_submodule(tmp_path):
+    # SLTrain's random support is drawn from the layer's name as parametrize saw it: 'layers.0...' here
+    model = tiny_llama(0)
+    lsparam.parametrize(model.model, SLTRAIN)
+    lsparam.hf.save_parametrized(model, tmp_path)
+    restored = lsparam.hf.load_parametrized(tmp_path)
+    ids = torch.randint(0, 128, (1, 8))
+    assert torch.equal(restored(ids).logits, model.eval()(ids).logits)
+    assert_same_params(params(restored), params(model))
+
+
 def test_load_parametrized_keeps_the_saved_dtype(tmp_path):
     # dtype="auto" (the default) follows config.json, as from_pretrained does in transformers 5; the model
     # is parametrized in float32 (LOST's SVD) and cast afterwards, which is exact for the loaded values.
