@@ -142,20 +142,21 @@ class StructuredWeight(torch.Tensor):
         return func(*args, **kwargs)
 
 
-_DATA_GET, _DATA_SET = torch.Tensor.data.__get__, torch.Tensor.data.__set__
+_DATA_GET = torch.Tensor.data.__get__
+# Writes that are not in-place ops by name (``mul_``, ``copy_``, ``torch.nn.init.normal_``; ``+=`` is add_).
+_OTHER_WRITES = {torch.Tensor.data.__set__: "`.data =`", torch.Tensor.__setitem__: "`weight[...] =`"}
 
 
 def _writes_to_self(func) -> bool:
-    """In-place ops (``mul_``, ``copy_``, ``torch.nn.init.normal_``, ``+=``), ``w[i] = v`` and ``.data =``."""
     name = getattr(func, "__name__", "")
-    return func in (_DATA_SET, torch.Tensor.__setitem__) or (name.endswith("_") and not name.startswith("__"))
+    return func in _OTHER_WRITES or (name.endswith("_") and not name.startswith("__"))
 
 
 def _lost_write(func, weight: StructuredWeight) -> RuntimeError:
     """Writing into a structured weight would write into a dense copy of it, computed and then dropped."""
     p = weight.parametrization
     where = f"layer {p.layer_name!r}" if p.layer_name else "a parametrized layer"
-    name = {_DATA_SET: "`.data =`", torch.Tensor.__setitem__: "`weight[...] =`"}.get(func) or f"in-place {func.__name__}"
+    name = _OTHER_WRITES.get(func) or f"in-place {func.__name__}"
     factors = f"layer.parametrizations.weight.original0, ... = {list(p.factor_names)}"
     if getattr(func, "__name__", "") == "requires_grad_":
         fix = "Set it on the factors instead: layer.parametrizations.weight.requires_grad_(False) freezes the layer."

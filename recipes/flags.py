@@ -255,7 +255,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if config.tie_word_embeddings:  # safetensors refuses the shared tensor at the first checkpoint
         raise RecipeError(f"--model {args.model!r} ties its input and output embeddings (tie_word_embeddings), which "
                           f"the recipe's checkpoints cannot store; use a config with \"tie_word_embeddings\": false")
-    if getattr(args, "sparse_backend", None) == "semi-structured" and args.device != "cuda":
+    if args.sparse_backend == "semi-structured" and args.device != "cuda":
         raise RecipeError(f"--sparse-backend semi-structured needs a CUDA GPU (2:4 kernels); got --device {args.device}")
     args.hidden_size = config.hidden_size
     method_settings(args, size_of(config))  # a bad knob value fails here, before any data is read

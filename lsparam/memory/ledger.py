@@ -133,7 +133,7 @@ def _layer_plan(model: nn.Module) -> tuple[dict, list[str]]:
     """``{regex: config}`` that parametrizes a model built from the same config as ``model`` is: each
     decoder layer as its first parametrized one (the traces have one and two decoder layers), other layers
     by name; and notes where the decoder layers differ."""
-    plan, notes, first_index = {}, [], None
+    plan, notes = {}, []
     per_index: dict[int, dict[str, object]] = {}
     for name, (_, parametrization) in structured_layers(model).items():
         found = re.search(r"(?:^|\.)layers\.(\d+)\.(.+)$", name)

@@ -66,7 +66,6 @@ class StructuredParametrization(nn.Module):
         self.transposed = False
         self.init_error: float | None = None
         self._removal_value = None
-        self._registered = False  # set by the first right_inverse, parametrize's; later ones are assignments
         # The config, as JSON bytes: refuses loading a state_dict made with another config.
         self.register_buffer("lsparam_spec", encode_spec(self.spec()))
         self.register_load_state_dict_pre_hook(_check_spec_on_load)
@@ -110,33 +109,31 @@ class StructuredParametrization(nn.Module):
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The factors for ``weight``: at registration, the method's init; afterwards ``layer.weight = W``,
         which factorises ``W`` the same way, refused where the result would not be ``W``'s factorisation."""
-        if self._registered:
+        assignment = "_originals" in self.__dict__  # bound by parametrize right after registering
+        if assignment:
             self._check_assignable(weight)
         with torch.no_grad():
             factors = self.init_factors(weight.t() if self.transposed else weight)
-        if self._registered:
+        if assignment:
             self.init_error = None  # measured against the weight parametrize replaced, not this one
-        self._registered = True
         return tuple(f.to(dtype=weight.dtype, device=weight.device).contiguous() for f in factors)
 
     def bind(self, originals: nn.Module) -> None:
         """Remember the ``ParametrizationList`` holding this weight's factors (set by ``parametrize``), so
-        that an assignment can be checked against them before any buffer changes. A plain attribute, not a
-        submodule: ``copy.deepcopy`` maps it to the copy's list."""
+        that a later ``right_inverse`` is known as an assignment and checked against them before any buffer
+        changes. A plain attribute, not a submodule: ``copy.deepcopy`` maps it to the copy's list."""
         object.__setattr__(self, "_originals", originals)
 
     def _check_assignable(self, weight: torch.Tensor) -> None:
         where = f"layer {self.layer_name!r}" if self.layer_name else "this layer"
-        originals = self.__dict__.get("_originals")
-        if originals is not None:  # torch checks the dtype only after init_factors changed the buffers
-            reference = originals.original0
-            shape = (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
-            if tuple(weight.shape) != shape or weight.dtype != reference.dtype or weight.device != reference.device:
-                raise ValueError(
-                    f"`layer.weight = W` on {where}: W must have the layer's shape {shape}, dtype "
-                    f"{reference.dtype} and device {reference.device}; got {tuple(weight.shape)}, {weight.dtype}, "
-                    f"{weight.device}"
-                )
+        reference = self._originals.original0  # torch checks the dtype only after init_factors changed buffers
+        shape = (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
+        if tuple(weight.shape) != shape or weight.dtype != reference.dtype or weight.device != reference.device:
+            raise ValueError(
+                f"`layer.weight = W` on {where}: W must have the layer's shape {shape}, dtype "
+                f"{reference.dtype} and device {reference.device}; got {tuple(weight.shape)}, {weight.dtype}, "
+                f"{weight.device}"
+            )
         if not self.has_dense_form:
             raise NoDenseFormError(
                 f"{where} ({self.method}) has no dense form ({self.no_dense_reason}), so it cannot take a dense "

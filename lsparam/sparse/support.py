@@ -133,13 +133,13 @@ class SparseSupport(nn.Module):
         """
         if self.crow_indices.is_meta or is_fake(self.crow_indices):
             return True
-        crow, cols = self.crow_indices.to(torch.int64).cpu(), self.col_indices.to(torch.int64).cpu()
+        crow, cols = self.crow_indices.to(torch.int64), self.col_indices.to(torch.int64)
         nnz = cols.numel()
         if crow.numel() != self.shape[0] + 1 or crow[0] != 0 or crow[-1] != nnz or bool((crow.diff() < 0).any()):
             return False
         if nnz and (int(cols.min()) < 0 or int(cols.max()) >= self.shape[1]):
             return False
-        row_start = torch.zeros(nnz, dtype=torch.bool)
+        row_start = torch.zeros(nnz, dtype=torch.bool, device=cols.device)
         row_start[crow[:-1][crow[:-1] < nnz]] = True
         return bool(((cols.diff() > 0) | row_start[1:]).all())
 
