@@ -550,3 +550,11 @@ def test_the_report_shows_the_other_methods_split_beside_their_best_single_rate(
     assert "| lost | 0.001: 200.0 | 0.002 / 0.001: 190.0, 0.004 / 0.001: **185.0** |" in lines
     assert not any(line.startswith("| full") for line in lines)
     assert _others_split(results[:2], ["lost"], 1000) == []  # no split run yet: no section
+
+
+@pytest.mark.parametrize("seconds, words", [(30, "1 minute"), (3000, "50 minutes"), (5399, "90 minutes"),
+                                            (5400, "2 hours"), (3 * 3600, "3 hours")])
+def test_the_time_left_reads_in_minutes_below_an_hour_and_a_half(seconds, words):
+    from recipes.bench.quality.report import _fmt_duration
+
+    assert _fmt_duration(seconds) == words

@@ -10,7 +10,6 @@ import math
 import statistics
 
 from recipes.bench.quality.init_scale import why_section
-from recipes.bench.quality.step_size import step_section
 from recipes.bench.quality.plan import (
     FULL_ONE_LR,
     MAX_SPLIT_EXTENSIONS,
@@ -27,6 +26,7 @@ from recipes.bench.quality.plan import (
     seconds_per_token,
     tokens_left_estimate,
 )
+from recipes.bench.quality.step_size import step_section
 
 STRUCTURED = ("sltrain", "lost", "lost-silu", "cola")  # the target's candidates (SLTrain / LOST / CoLA)
 PRIOR = ("The earlier version of this study (the same setup; 500k and 1M tokens, 2 seeds; full-rank at one rate, "
@@ -157,13 +157,21 @@ def _intro(results: list[Result], args, short: int) -> str:
     )
 
 
+def _fmt_duration(seconds: float) -> str:
+    """``seconds`` as whole hours from 1.5 h up, else as minutes: "3 hours", "50 minutes"."""
+    if seconds >= 5400:
+        return f"{seconds / 3600:.0f} hours"
+    minutes = max(1, round(seconds / 60))
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
+
+
 def _progress(results: list[Result], args, methods, step) -> str:
     """Runs finished and left, the time left at the median pace, and how to resume."""
     left = runs_left_estimate(results, **plan_kw(args, methods))
     pace, tokens_left = seconds_per_token(results), tokens_left_estimate(results, **plan_kw(args, methods))
     eta = (f" At the median pace of the finished runs ({pace * 1e6 / 60:.0f} minutes per 1M tokens, one run at a time "
-           f"on the 2-core machine), the {tokens_left / 1e6:.0f}M tokens left take about {pace * tokens_left / 3600:.0f} "
-           f"hours of its time." if pace and step else "")
+           f"on the 2-core machine), the {tokens_left / 1e6:.0f}M tokens left take about "
+           f"{_fmt_duration(pace * tokens_left)} of its time." if pace and step else "")
     return (
         f"**Progress: {len(results)} run{'s' if len(results) != 1 else ''} finished, "
         + (f"about {left} to go; the study continues.**{eta} Next stage: {step[0]} ({len(step[1])} run(s)). "
