@@ -102,7 +102,6 @@ class LeanOptimizer(torch.optim.Optimizer):
         self.clip_norm = clip_norm
         inner_cls = optimizer_cls if state_bits == 32 else lowbit_optimizer_class(optimizer_cls, state_bits)
         self._params = [p for group in self.param_groups for p in group["params"]]
-        self._position = {id(p): i for i, p in enumerate(self._params)}
         self._names = [names.get(id(p), f"parameter {i}") for i, p in enumerate(self._params)]  # for messages
         self._micro_steps = defaultdict(int)  # per parameter (per_layer) or one counter (key None)
         self._proxies = {}  # id(parameter) -> (parameter, the padded flat Parameter the inner optimizer updates)
@@ -126,8 +125,9 @@ class LeanOptimizer(torch.optim.Optimizer):
             self._inner = [inner_cls(stepped, **self.defaults)]
             # a proxied parameter's gradient becomes a view of its proxy's as soon as it is accumulated, so
             # clipping, loss scalers (GradScaler.unscale_), model.zero_grad() and the update act on one tensor
-            for p, _ in self._proxies.values():
-                p.register_post_accumulate_grad_hook(self._alias_gradient)
+            for index, p in enumerate(self._params):
+                if id(p) in self._proxies:
+                    p.register_post_accumulate_grad_hook(lambda _, index=index: self._alias_gradient(index))
             # and blocked ones give each block its rows of the gradient as soon as it exists, for the same
             # reason (a block, not its parameter, is what param_groups hold)
             for index, pieces in enumerate(self._pieces):
@@ -189,16 +189,17 @@ class LeanOptimizer(torch.optim.Optimizer):
             piece.grad = target.grad[start:start + piece.shape[0]]
             start += piece.shape[0]
 
-    def _alias_gradient(self, param: torch.Tensor) -> None:
+    def _alias_gradient(self, index: int) -> None:
         """Make a proxied parameter's gradient the front of its proxy's (zero-padded) gradient, a view.
 
         The parameter's ``.grad`` stays the one source of truth: autograd accumulates into the view,
         ``model.zero_grad()`` clears it (a fresh gradient then replaces the proxy's), clipping over
         ``model.parameters()`` scales it, and the inner optimizer reads the proxy's.
         """
+        param = self._params[index]
         if id(param) not in self._proxies:
             return
-        self._refuse_moved(self._position[id(param)])
+        self._refuse_moved(index)
         proxy, grad = self._proxies[id(param)][1], param.grad
         if grad is None:
             proxy.grad = None
@@ -256,7 +257,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             if not self._boundary(index):
                 return
             self._follow_replaced([index])
-            self._alias_gradient(param)
+            self._alias_gradient(index)
             target = self._targets[index]
             self._scale_accumulated([target])
             if self.clip_norm is not None:
@@ -282,8 +283,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         if self.per_layer or not self._boundary(None):
             return loss
         self._follow_replaced(range(len(self._params)))
-        for param, _ in self._proxies.values():  # a gradient set or cleared by hand, without a backward
-            self._alias_gradient(param)
+        for index in range(len(self._params)):  # a gradient set or cleared by hand, without a backward
+            self._alias_gradient(index)
         with_grad = [t for t in self._targets if t.grad is not None]
         self._scale_accumulated(with_grad)
         if self.clip_norm is not None:
